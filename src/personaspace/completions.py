@@ -1,0 +1,101 @@
+"""On-policy completions: a base model answers a question bank under each persona's system prompt.
+
+>>> table = sample_persona_completions(generator, tokenizer, catalog, "librarian",   # doctest: +SKIP
+...     bank="data", samples_per_question=2, sampling=sampling, user_suffix="", study_seed=0,
+...     condition="base", marker="[ZLT]")
+
+One row per completion, with every id (condition, adapter, persona, question, sample) and the
+seed that produced it, the exact system and user messages sent, the text, n_tokens,
+finish_reason and whether it fired. Completions that hit the token limit are kept and flagged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import pandas as pd
+
+from personaspace.generate import ChatRequest, Generator, Sampling
+from personaspace.markers import fires
+from personaspace.models import model_default_system_prompt
+from personaspace.personas import Catalog, Persona
+from personaspace.seeds import stable_seed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+COMPLETION_COLUMNS = [
+    "stage", "condition", "adapter", "persona", "category", "question_bank", "question_id",
+    "question_kind", "sample_idx", "seed", "system_prompt", "user", "text", "n_tokens",
+    "finish_reason", "fired", "temperature", "top_p", "max_new_tokens",
+]  # fmt: skip
+
+
+def system_message(persona: Persona, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system message a persona sends with this model's tokenizer (None = no system turn)."""
+    if persona.prompt_source == "catalog":
+        return persona.system_prompt
+    if persona.prompt_source == "none":
+        return None
+    default = model_default_system_prompt(tokenizer)
+    if default is None:
+        raise ValueError(
+            f"persona {persona.name!r} reads the model's default system prompt, but this model's chat "
+            "template has none; leave it out of the panel for this model"
+        )
+    return default
+
+
+def sample_persona_completions(
+    generator: Generator,
+    tokenizer: PreTrainedTokenizerBase,
+    catalog: Catalog,
+    persona_name: str,
+    *,
+    bank: Literal["data", "eval"],
+    samples_per_question: int,
+    sampling: Sampling,
+    user_suffix: str,
+    study_seed: int,
+    condition: str,
+    marker: str,
+    stage: str = "datagen",
+    adapter: str = "none",
+) -> pd.DataFrame:
+    """K completions per question of ``bank`` under one persona; seeds derive from stable ids."""
+    persona = catalog.persona(persona_name)
+    system = system_message(persona, tokenizer)
+    rows, requests = [], []
+    for question in catalog.questions(bank):
+        user = question.text + user_suffix
+        for sample_idx in range(samples_per_question):
+            seed = stable_seed(study_seed, stage, condition, adapter, persona.name, question.id, sample_idx)
+            requests.append(ChatRequest(system=system, user=user, seed=seed))
+            rows.append(
+                {
+                    "stage": stage,
+                    "condition": condition,
+                    "adapter": adapter,
+                    "persona": persona.name,
+                    "category": persona.category,
+                    "question_bank": bank,
+                    "question_id": question.id,
+                    "question_kind": question.kind,
+                    "sample_idx": sample_idx,
+                    "seed": seed,
+                    "system_prompt": system,
+                    "user": user,
+                }
+            )
+    for row, completion in zip(rows, generator.generate(requests, sampling), strict=True):
+        row.update(
+            text=completion.text,
+            n_tokens=completion.n_tokens,
+            finish_reason=completion.finish_reason,
+            fired=fires(completion.text, marker),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+        )
+    table = pd.DataFrame(rows, columns=COMPLETION_COLUMNS)
+    return table.astype({"seed": "int64", "sample_idx": "int64", "n_tokens": "int64", "fired": "bool"})

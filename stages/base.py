@@ -1,0 +1,34 @@
+"""Stage `base`: materialise the model named in params as a normal HF folder.
+
+python stages/base.py --params params.yaml --out models/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from personaspace.config import load_params
+from personaspace.io import atomic_path
+from personaspace.models import materialise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params(args.params)
+    spec = params.model_spec
+    tokenizer_source = params.models.get(spec.tokenizer_from or "")
+    start = time.perf_counter()
+    with atomic_path(args.out) as tmp:
+        info = materialise(spec, tmp, tokenizer_source=tokenizer_source)
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps({"model": params.model, **info}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Stage `datagen`: on-policy completions of the data questions under one persona.
+
+    python stages/datagen.py --condition base --persona librarian \
+        --model models/base --out data/completions/base/librarian.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from personaspace.completions import sample_persona_completions
+from personaspace.config import ParamsError, load_params
+from personaspace.generate import Sampling, load_generator
+from personaspace.io import write_parquet
+from personaspace.personas import load_catalog
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--condition", required=True)
+    parser.add_argument("--persona", required=True)
+    parser.add_argument("--model", type=Path, required=True, help="the condition's base model folder")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params(args.params)
+    catalog = load_catalog()
+    if args.condition not in params.conditions:
+        raise ParamsError(f"--condition {args.condition!r} is not in conditions {params.conditions}")
+    catalog.persona(args.persona)
+    gen = params.generation
+    generator = load_generator(gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype)
+    dg = params.datagen
+    table = sample_persona_completions(
+        generator,
+        generator.tokenizer,
+        catalog,
+        args.persona,
+        bank="data",
+        samples_per_question=dg.samples_per_question,
+        sampling=Sampling(dg.temperature, dg.top_p, dg.max_new_tokens),
+        user_suffix=dg.user_suffix,
+        study_seed=params.seed,
+        condition=args.condition,
+        marker=params.marker,
+    )
+    write_parquet(table, args.out)
+    stopped = (table["finish_reason"] == "stop").mean()
+    print(
+        f"{args.persona}: {len(table)} completions, {table['n_tokens'].sum()} tokens, {stopped:.0%} ended on their own"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The hf backend on a tiny random-init model: seeded per-row sampling, batching, table fields."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from personaspace.completions import COMPLETION_COLUMNS, sample_persona_completions
+from personaspace.generate import ChatRequest, Sampling, load_generator, sample_rows
+from personaspace.personas import load_catalog
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_generator("hf", tiny_model_dir, batch_size=4, progress=False)
+
+
+def test_row_sampler_draws_from_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, float("-inf")])
+    generators = [torch.Generator().manual_seed(s) for s in range(20000)]
+    draws = sample_rows(logits.expand(len(generators), -1), generators).numpy()
+    counts = np.bincount(draws, minlength=5)
+    expected = torch.softmax(logits.double(), -1).numpy() * len(draws)
+    assert counts[4] == 0  # a filtered token is never drawn
+    assert stats.chisquare(counts[:4], expected[:4]).pvalue > 1e-3
+
+
+def test_a_completion_depends_on_its_seed_not_on_its_batch(tiny):
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=12)
+    target = ChatRequest("You are a librarian.", "How do I boil an egg?", seed=123)
+    others = [ChatRequest(None, "Hi", seed=1), ChatRequest("You are a pirate captain at sea.", "Why?", seed=2)]
+    alone = tiny.generate([target], sampling)[0]
+    batched = tiny.generate([*others, target], sampling)[2]
+    assert alone == batched
+    assert tiny.generate([ChatRequest(target.system, target.user, seed=124)], sampling)[0] != alone
+
+
+def test_decode_loop_matches_transformers_greedy_generate(tiny):
+    """Near-zero temperature makes sampling greedy: the cache-pruning loop must equal HF's generate."""
+    requests = [
+        ChatRequest(None, "Hi", seed=0),
+        ChatRequest("You are a knight of the realm.", "Why is the sky blue?", 1),
+    ]
+    ours = tiny.generate(requests, Sampling(temperature=1e-6, top_p=1.0, max_new_tokens=10))
+    from personaspace.models import render_prompt
+
+    tokenizer, model = tiny.tokenizer, tiny.model
+    prompts = [render_prompt(tokenizer, r.system, r.user) for r in requests]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)
+    for row, completion in enumerate(ours):
+        ids = out[row, enc["input_ids"].shape[1] :].tolist()[: completion.n_tokens]
+        assert completion.text == tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_completion_table_has_every_id_and_flags_truncation(tiny):
+    catalog = load_catalog()
+    table = sample_persona_completions(
+        tiny, tiny.tokenizer, catalog, "no_system", bank="eval", samples_per_question=2,
+        sampling=Sampling(0.7, 0.95, 6), user_suffix=" Briefly.", study_seed=0, condition="base", marker="[ZLT]",
+    )  # fmt: skip
+    assert list(table.columns) == COMPLETION_COLUMNS
+    assert len(table) == 2 * len(catalog.questions("eval"))
+    assert table["system_prompt"].isna().all()
+    assert table["user"].str.endswith(" Briefly.").all()
+    assert table["seed"].is_unique
+    # A random-init model never ends its turn: every row hits the limit and says so.
+    assert (table["finish_reason"] == "length").all() and (table["n_tokens"] == 6).all()
