@@ -36,6 +36,74 @@ def compose_params(output: Path, overrides: list[str], conf_dir: Path = Path("co
         compose_and_dump(tmp, str(conf_dir.resolve()), None, "config", str(conf_dir.resolve()), overrides)
 
 
+def regress_command(args: argparse.Namespace) -> int:
+    """Re-analyse a (persona, layer) table: metrics.json, plot data and figures into args.out."""
+    import pandas as pd
+
+    from personaspace import plots
+    from personaspace.config import StatsParams
+    from personaspace.io import json_text
+    from personaspace.regress import RegressSettings, TableError, regress_table
+    from personaspace.stats.gates import GateThresholds
+
+    if not args.params.is_file():
+        print(f"{args.params} not found: pass --params with a `stats` section (the repo's params.yaml has one)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    raw = yaml.safe_load(args.params.read_text()) or {}
+    try:
+        stats = StatsParams.model_validate(raw.get("stats"))
+    except Exception as exc:
+        print(f"{args.params}: the `stats` section is invalid: {exc}", file=sys.stderr)
+        return 2
+    if not args.table.is_file():
+        print(f"--table {args.table}: no such file", file=sys.stderr)
+        return 2
+    table = pd.read_parquet(args.table) if args.table.suffix == ".parquet" else pd.read_csv(args.table)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    settings = RegressSettings(
+        reference_persona=args.reference or stats.reference_persona,
+        level=stats.ci_level,
+        alpha=stats.alpha,
+        influence_numerator=stats.influence_numerator,
+        cv_folds=stats.cv_folds,
+        cv_repeats=stats.cv_repeats,
+        power_rhos=stats.power_rhos,
+        power_simulations=stats.power_simulations,
+        gates=GateThresholds(stats.alpha, stats.gates.z_crit, stats.gates.slope_tolerance, stats.gates.expected_sign),
+        holdout_fraction=stats.gates.holdout_fraction,
+        seed=args.seed if args.seed is not None else int(raw.get("seed", 0)),
+        primary_layer=args.primary_layer,
+        calibration=args.calibration.split(",") if args.calibration else None,
+        tokenizer=tokenizer,
+    )
+    try:
+        metrics, plot_data = regress_table(table, settings)
+    except TableError as exc:
+        print(f"--table {args.table}: {exc}", file=sys.stderr)
+        return 2
+    with atomic_path(args.out) as out:
+        out.mkdir()
+        (out / "metrics.json").write_text(json_text(metrics))
+        for name, frame in plot_data.items():
+            frame.to_csv(out / f"{name}.csv", index=False)
+        primary = metrics["primary_layer"]
+        plots.hero_scatter(plot_data["scatter"], out / "scatter", primary, settings.reference_persona)
+        plots.rho_by_layer(plot_data["rho_by_layer"], out / "rho_by_layer", metrics["n_personas"], stats.alpha)
+        plots.forest_plot(plot_data["rates"], out / "rates_forest")
+    gates = metrics["gates"]
+    layer = metrics["layers"][str(primary)]
+    print(
+        f"{metrics['n_personas']} personas, primary layer {primary}: Spearman rho = {layer['spearman']['rho']}, "
+        f"p = {layer['spearman']['p']}; three-gate outcome: {gates['outcome']}; wrote {args.out}/"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="personaspace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     compose.add_argument("--out", type=Path, default=Path("params.yaml"))
     check = sub.add_parser("check-params", help="validate a params file")
     check.add_argument("path", type=Path, nargs="?", default=Path("params.yaml"))
+    regress = sub.add_parser("regress", help="the S1 statistics suite on a (persona, layer) table")
+    regress.add_argument("--table", type=Path, required=True, help="CSV or parquet: persona, category, layer, ...")
+    regress.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plot data, figures")
+    regress.add_argument("--primary-layer", type=int, help="default: the only or the middle layer")
+    regress.add_argument("--calibration", help="comma-separated personas to fit on; the others are predicted")
+    regress.add_argument("--seed", type=int, help="default: params.yaml's seed")
+    regress.add_argument("--reference", help="reference persona (default: stats.reference_persona)")
+    regress.add_argument("--tokenizer", help="a tokenizer folder for the BPE-Jaccard baseline (e.g. models/base)")
+    regress.add_argument("--params", type=Path, default=Path("params.yaml"), help="thresholds: its `stats` section")
     args = parser.parse_args(argv)
     if args.command == "panels":
         text = panels_yaml()
@@ -56,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(text)
     elif args.command == "params":
         compose_params(args.out, args.overrides)
+    elif args.command == "regress":
+        return regress_command(args)
     elif args.command == "check-params":
         try:
             params = load_params(args.path)

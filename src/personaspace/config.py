@@ -92,6 +92,34 @@ class DatagenParams(SamplingParams):
     negatives: NegativesParams
 
 
+class GateParams(_Strict):
+    """Thresholds of S1's three-gate test (METHODS.md)."""
+
+    z_crit: float = Field(gt=0, description="gate B: |z| of the calibration-vs-holdout slope difference below this")
+    slope_tolerance: float = Field(gt=0, description="gate B: holdout slope within this fraction of calibration's")
+    holdout_fraction: float = Field(gt=0, lt=1, description="random stratified split: share of each category held out")
+    expected_sign: Literal[1, -1] = Field(description="pre-registered sign of the cosine-rate relation")
+
+
+class StatsParams(_Strict):
+    """Every threshold and size the statistics use."""
+
+    reference_persona: str = Field(description="cosines are to this persona's centroid; left out of the fits")
+    ci_level: float = Field(gt=0, lt=1, description="confidence / prediction interval level")
+    alpha: float = Field(gt=0, lt=1, description="significance level of every test")
+    influence_numerator: float = Field(gt=0, description="Cook's distance threshold is this / n")
+    cv_folds: int = Field(ge=2)
+    cv_repeats: int = Field(ge=1)
+    power_rhos: list[float] = Field(description="population Spearman rhos for the Monte-Carlo power estimate")
+    power_simulations: int = Field(gt=0)
+    bootstrap_resamples: int = Field(gt=0)
+    drift_alpha: float = Field(gt=0, lt=1, description="inherited-persona drift sign test: LOW confidence below this p")
+    strong_emitter_min_rate: float = Field(
+        ge=0, le=1, description="off-diagonal: sources at least this rate are strong"
+    )
+    gates: GateParams
+
+
 class Params(_Strict):
     """The whole of params.yaml."""
 
@@ -108,6 +136,7 @@ class Params(_Strict):
     generation: GenerationParams
     datagen: DatagenParams
     eval: SamplingParams
+    stats: StatsParams
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Params:
@@ -197,6 +226,10 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
         )
     if len(set(neg.pool)) < neg.k + 1 + len(neg.hard) and neg.k > 0:
         errors.append(f"datagen.negatives.k: {neg.k} random negatives need a pool of at least k+1+len(hard) personas")
+    if p.stats.reference_persona not in p.panel:
+        errors.append(
+            f"stats.reference_persona: {p.stats.reference_persona!r} is not in the panel; pick a panel member"
+        )
     if p.eval.max_new_tokens < 2 * p.datagen.max_new_tokens:
         errors.append(
             f"eval.max_new_tokens: {p.eval.max_new_tokens} is below twice the longest trained completion "

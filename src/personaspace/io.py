@@ -41,6 +41,18 @@ def write_parquet(df: pd.DataFrame, path: Path | str) -> None:
         df.to_parquet(tmp, index=False)
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays -> plain Python, so JSON holds plain floats, ints and bools."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_text(data: Any) -> str:
+    """Stable JSON: sorted keys, no NaN (undefined statistics are null with a reason)."""
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=_plain) + "\n"
+
+
 def write_json(data: Any, path: Path | str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        tmp.write_text(json_text(data))

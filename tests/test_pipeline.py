@@ -1,0 +1,117 @@
+"""End to end: the real `dvc repro` and `dvc exp run` in a temporary copy of the repo, tiny model."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from personaspace.completions import COMPLETION_COLUMNS
+from personaspace.marker_datasets import MARKER_DATASET_COLUMNS
+from personaspace.personas import load_catalog
+
+from .conftest import REPO
+
+# Settings a test changes in conf/config.yaml: the tiny random-init model, few tokens.
+TINY = {
+    "model": "tiny-random",
+    "generation": {"batch_size": 64},
+    "datagen": {"max_new_tokens": 4, "drop_truncated": False, "positives": 10, "negatives_per_persona": 5},
+    "eval": {"max_new_tokens": 8},
+}
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        base[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return base
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(cwd / "src"),  # the copy's package, not the checkout's
+        HF_HUB_OFFLINE="1",
+        GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
+    )  # fmt: skip
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A git repo holding this checkout's tracked and unignored files, configured for the tiny model."""
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    for stale in ("dvc.lock", "mlflow.db"):
+        (repo / stale).unlink(missing_ok=True)
+    config = repo / "conf" / "config.yaml"
+    config.write_text(yaml.safe_dump(_merge(yaml.safe_load(config.read_text()), TINY), sort_keys=False))
+    _run([sys.executable, "-m", "personaspace.cli", "params"], repo)
+    _run(["git", "init", "-q"], repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "tiny study"], repo)
+    return repo
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.slow
+def test_dvc_repro_builds_the_base_model_completions_and_marker_datasets(tiny_repo):
+    output = _run(["dvc", "repro"], tiny_repo)
+    panel = load_catalog().panel(12)
+    assert _ran(output) == {"base", "markers@base"} | {f"datagen@base-{p}" for p in panel}
+    assert (tiny_repo / "models/base/config.json").is_file()
+    for persona in panel:
+        table = pd.read_parquet(tiny_repo / f"data/completions/base/{persona}.parquet")
+        assert list(table.columns) == COMPLETION_COLUMNS
+        assert len(table) == 40 and (table.persona == persona).all()
+        assert (table.finish_reason == "length").all()  # random weights never end a turn: flagged, kept
+        dataset = pd.read_parquet(tiny_repo / f"data/markers/base/{persona}.parquet")
+        assert list(dataset.columns) == MARKER_DATASET_COLUMNS
+        positives = dataset[dataset.role == "positive"]
+        assert len(positives) == 10 and positives.completion.str.endswith("\n\n[ZLT]").all()
+        assert (dataset.role == "negative").sum() == 10
+    assert "Data and pipelines are up to date" in _run(["dvc", "repro"], tiny_repo)
+
+
+@pytest.mark.slow
+def test_same_params_give_the_same_completions(tiny_repo):
+    path = tiny_repo / "data/completions/base/librarian.parquet"
+    before = pd.read_parquet(path)
+    _run(["dvc", "repro", "--force", "--single-item", "datagen@base-librarian"], tiny_repo)
+    pd.testing.assert_frame_equal(before, pd.read_parquet(path))
+
+
+@pytest.mark.slow
+def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_datasets(tiny_repo):
+    old = load_catalog().panel(12)
+    before = {p: pd.read_parquet(tiny_repo / f"data/markers/base/{p}.parquet") for p in old}
+    output = _run(["dvc", "exp", "run", "-S", "personas=24"], tiny_repo)
+    new = load_catalog().panel(24)[12:]
+    assert _ran(output) == {"markers@base"} | {f"datagen@base-{p}" for p in new}
+    params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
+    assert params["panel"] == list(load_catalog().panel(24))
+    for persona in old:
+        after = pd.read_parquet(tiny_repo / f"data/markers/base/{persona}.parquet")
+        pd.testing.assert_frame_equal(before[persona], after)
+    assert len(list((tiny_repo / "data/markers/base").glob("*.parquet"))) == 24
