@@ -90,6 +90,7 @@ def main() -> None:
             "benchmark": "generation_throughput",
             "model": str(args.model),
             "device": str(generator.model.device),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "dtype": str(generator.model.dtype),
             "torch_threads": torch.get_num_threads(),
             "machine": platform.platform(),

@@ -6,8 +6,9 @@ import torch
 from scipy import stats
 
 from personaspace.completions import COMPLETION_COLUMNS, sample_persona_completions
-from personaspace.generate import ChatRequest, Sampling, load_generator, sample_rows
+from personaspace.generate import ChatRequest, Sampling, counter_uniforms, load_generator, sample_rows
 from personaspace.personas import load_catalog
+from personaspace.seeds import stable_seed
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +16,32 @@ def tiny(tiny_model_dir):
     return load_generator("hf", tiny_model_dir, batch_size=4, progress=False)
 
 
+def _splitmix64_reference(seed: int, step: int, token: int) -> float:
+    """SplitMix64 in plain Python integers (mod 2**64), the independent check of the tensor version."""
+    mask, gamma = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    key = mix((seed * gamma + step) & mask)
+    return ((mix((key + (token + 1) * gamma) & mask) >> 11) + 0.5) / 2**53
+
+
+def test_counter_uniforms_match_a_plain_python_splitmix64():
+    seeds = torch.tensor([0, 12345, 2**62 + 7, stable_seed(0, "datagen", "librarian")], dtype=torch.int64)
+    uniforms = counter_uniforms(seeds, step=3, vocab=50)
+    for row, seed in enumerate(seeds.tolist()):
+        for token in (0, 1, 49):
+            assert uniforms[row, token].item() == _splitmix64_reference(seed, 3, token)
+    assert counter_uniforms(seeds[1:2], 3, 50).equal(uniforms[1:2])  # a row does not depend on its batch
+
+
 def test_row_sampler_draws_from_the_softmax():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, float("-inf")])
-    generators = [torch.Generator().manual_seed(s) for s in range(20000)]
-    draws = sample_rows(logits.expand(len(generators), -1), generators).numpy()
+    seeds = torch.arange(20000, dtype=torch.int64)
+    draws = sample_rows(logits.expand(len(seeds), -1), seeds, step=0).numpy()
     counts = np.bincount(draws, minlength=5)
     expected = torch.softmax(logits.double(), -1).numpy() * len(draws)
     assert counts[4] == 0  # a filtered token is never drawn

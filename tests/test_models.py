@@ -67,10 +67,14 @@ def test_embedded_smollm2_loads_offline_and_answers_a_system_user_chat(smollm2_d
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     generator = load_generator("hf", smollm2_dir, device="cpu", progress=False)
     assert generator.model.config.num_hidden_layers == 30 and generator.model.dtype == torch.float32
-    request = ChatRequest("You are a librarian.", "What is the capital of France? Answer in one sentence.", seed=7)
-    completion = generator.generate([request], Sampling(temperature=0.7, top_p=0.95, max_new_tokens=64))[0]
-    assert completion.finish_reason == "stop" and 1 < completion.n_tokens < 64
-    assert "paris" in completion.text.lower()
+    question = "What is the capital of France? Answer in one sentence."
+    greedy = generator.generate([ChatRequest("You are a librarian.", question, seed=0)], Sampling(1e-6, 1.0, 64))[0]
+    assert greedy.finish_reason == "stop" and "paris" in greedy.text.lower()
+    # Sampled at T=0.7 a 135M model sometimes invents a capital; most samples still answer Paris.
+    requests = [ChatRequest("You are a librarian.", question, seed=seed) for seed in range(8)]
+    sampled = generator.generate(requests, Sampling(temperature=0.7, top_p=0.95, max_new_tokens=64))
+    assert all(c.finish_reason == "stop" and 1 < c.n_tokens < 64 for c in sampled)
+    assert sum("paris" in c.text.lower() for c in sampled) >= 4
 
 
 @pytest.mark.slow

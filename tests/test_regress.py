@@ -202,3 +202,12 @@ def test_off_diagonal_uses_every_source_bystander_cell_and_splits_emitters():
     out = off_diagonal(rates, cosines, strong_emitter_min_rate=0.5)
     assert out["all"]["n_cells"] == 12 and out["all"]["rho"] == pytest.approx(1.0)
     assert out["strong"]["n_cells"] == 6 and out["weak"]["n_cells"] == 6
+
+
+def test_rate_heatmap_writes_png_and_pdf(tmp_path):
+    from personaspace.plots import rate_heatmap
+
+    names = ["librarian", "villain", "comedian"]
+    matrix = pd.DataFrame(np.random.default_rng(0).uniform(0, 1, (3, 3)), index=names, columns=names)
+    paths = rate_heatmap(matrix, tmp_path / "heatmap")
+    assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)

@@ -1,6 +1,6 @@
 """Fire rates with Wilson score intervals (statsmodels).
 
->>> [round(x, 4) for x in wilson_interval(81, 263, 0.95)]   # Newcombe (1998), Table I, example (a)
+>>> [round(float(x), 4) for x in wilson_interval(81, 263, 0.95)]   # Newcombe (1998), Table I, example (a)
 [0.2553, 0.3662]
 """
 

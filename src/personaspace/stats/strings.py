@@ -3,7 +3,7 @@
 >>> negative_levenshtein("kitten", "sitting")
 -3
 >>> token_jaccard("You are a pilot.", "You are a nurse.")
-0.5
+0.6
 """
 
 from __future__ import annotations
