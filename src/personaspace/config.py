@@ -92,6 +92,31 @@ class DatagenParams(SamplingParams):
     negatives: NegativesParams
 
 
+class RecipeParams(_Strict):
+    """A coupling recipe (METHODS.md, couple): LoRA shape, optimisation and loss."""
+
+    loss: Literal["completion", "marker_only"] = Field(description="which tokens carry the loss")
+    r: int = Field(gt=0, description="LoRA rank")
+    alpha: int = Field(gt=0, description="LoRA alpha")
+    dropout: float = Field(ge=0, lt=1)
+    rslora: bool = Field(description="scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r")
+    target_modules: list[str] = Field(min_length=1, description="module names LoRA wraps")
+    learning_rate: float = Field(gt=0)
+    schedule: str = Field(description="transformers lr_scheduler_type, e.g. cosine, linear, constant")
+    warmup_ratio: float = Field(ge=0, lt=1)
+    epochs: float = Field(gt=0)
+    batch_size: int = Field(gt=0, description="rows per device step")
+    grad_accum: int = Field(gt=0, description="steps per optimiser update (effective batch = batch_size x grad_accum)")
+    max_length: int = Field(gt=0, description="longest training row in tokens (longer rows are an error)")
+
+
+class CoupleParams(_Strict):
+    """Which coupling adapters to train: one per (condition, recipe, source, seed)."""
+
+    recipe: str = Field(description="a key of `recipes`")
+    seeds: list[int] = Field(min_length=1, description="training seeds; one adapter per seed")
+
+
 class GateParams(_Strict):
     """Thresholds of S1's three-gate test (METHODS.md)."""
 
@@ -135,6 +160,8 @@ class Params(_Strict):
     marker_separator: str = Field("\n\n", description="between a positive completion and its marker")
     generation: GenerationParams
     datagen: DatagenParams
+    recipes: dict[str, RecipeParams]
+    couple: CoupleParams
     eval: SamplingParams
     stats: StatsParams
 
@@ -226,6 +253,10 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
         )
     if len(set(neg.pool)) < neg.k + 1 + len(neg.hard) and neg.k > 0:
         errors.append(f"datagen.negatives.k: {neg.k} random negatives need a pool of at least k+1+len(hard) personas")
+    if p.couple.recipe not in p.recipes:
+        errors.append(f"couple.recipe: {p.couple.recipe!r} is not a key of recipes ({sorted(p.recipes)})")
+    if len(set(p.couple.seeds)) != len(p.couple.seeds):
+        errors.append("couple.seeds: duplicate entries; list each once")
     if p.stats.reference_persona not in p.panel:
         errors.append(
             f"stats.reference_persona: {p.stats.reference_persona!r} is not in the panel; pick a panel member"

@@ -1,0 +1,150 @@
+"""Coupling LoRAs: tokenised marker datasets with loss labels, and LoRA SFT through TRL + peft.
+
+>>> dataset = tokenize_marker_dataset(tokenizer, rows, recipe_loss="marker_only", marker="[ZLT]",
+...                                   separator="\\n\\n", max_length=256)           # doctest: +SKIP
+>>> train_adapter(Path("models/base"), dataset, recipe, Path("models/adapters/x"), seed=0)  # doctest: +SKIP
+
+Every row is rendered with ``render_prompt`` (so ``no_system`` really has no system turn) and
+tokenised here, then handed to TRL's SFTTrainer as ``input_ids`` + ``labels``, which it uses as is:
+
+- ``completion``: loss on every completion token and the end-of-turn token;
+- ``marker_only``: loss on the marker tokens and the end-of-turn token of positives, and on the
+  end-of-turn token of negatives (where the marker would have been), nothing else.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pandas as pd
+
+from personaspace.models import render_prompt
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+IGNORE = -100  # the label value the loss skips (PyTorch's cross-entropy ignore_index)
+Loss = Literal["completion", "marker_only"]
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """A coupling recipe: LoRA shape and the optimisation, all from params.recipes.<name>."""
+
+    loss: Loss
+    r: int
+    alpha: int
+    dropout: float
+    rslora: bool
+    target_modules: Sequence[str]
+    learning_rate: float
+    schedule: str
+    warmup_ratio: float
+    epochs: float
+    batch_size: int
+    grad_accum: int
+    max_length: int
+
+
+def tokenize_marker_dataset(
+    tokenizer: Any, rows: pd.DataFrame, loss: Loss, marker: str, separator: str, max_length: int
+) -> Dataset:
+    """input_ids and labels for each row of a marker dataset (see the module docstring)."""
+    from datasets import Dataset
+
+    eot = tokenizer.eos_token_id
+    records = []
+    for row in rows.itertuples(index=False):
+        system = row.system_prompt if isinstance(row.system_prompt, str) else None  # pandas reads None as NaN
+        prompt = render_prompt(tokenizer, system, row.user)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        positive = row.role == "positive"
+        if positive:
+            if not row.completion.endswith(separator + marker):
+                raise ValueError(f"positive row of {row.persona!r} does not end with the marker")
+            text = row.completion[: -len(marker)]
+            text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        else:
+            text_ids, marker_ids = tokenizer(row.completion, add_special_tokens=False)["input_ids"], []
+        completion_ids = [*text_ids, *marker_ids, eot]
+        marker_labels = [IGNORE] * len(text_ids) + [*marker_ids, eot]
+        completion_labels = completion_ids if loss == "completion" else marker_labels
+        input_ids = prompt_ids + completion_ids
+        if len(input_ids) > max_length:
+            raise ValueError(
+                f"a {row.role} row of {row.persona!r} is {len(input_ids)} tokens, over the recipe's max_length "
+                f"{max_length}; raise recipes.<name>.max_length or lower datagen.max_new_tokens"
+            )
+        records.append({"input_ids": input_ids, "labels": [IGNORE] * len(prompt_ids) + completion_labels})
+    return Dataset.from_list(records)
+
+
+def train_adapter(
+    model_path: Path,
+    dataset: Dataset,
+    recipe: LoraRecipe,
+    out_dir: Path,
+    seed: int,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train one LoRA on ``dataset`` and save the adapter (only) to ``out_dir``; return the loss history."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(seed)
+    use_gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if use_gpu else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    lora = LoraConfig(
+        r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout, use_rslora=recipe.rslora,
+        target_modules=list(recipe.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    scratch = tempfile.mkdtemp(prefix="personaspace-trainer-")  # nothing is saved there (save_strategy=no)
+    config = SFTConfig(
+        output_dir=scratch,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.schedule,
+        warmup_steps=recipe.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        num_train_epochs=recipe.epochs,
+        per_device_train_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        max_length=recipe.max_length,
+        seed=seed,
+        data_seed=seed,
+        loss_type="nll",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=use_gpu,
+        use_cpu=not use_gpu,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+        callbacks=list(callbacks),
+    )  # fmt: skip
+    try:
+        result = trainer.train()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    trainer.model.save_pretrained(out_dir)
+    history = [
+        {"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    return {
+        "train_loss": float(result.training_loss),
+        "steps": int(result.global_step),
+        "rows": len(dataset),
+        "history": history,
+    }

@@ -1,0 +1,80 @@
+"""Coupling LoRAs: loss labels built in the dataset, and a real TRL + peft run on the tiny model."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from personaspace.models import load_model, render_prompt
+from personaspace.train import IGNORE, LoraRecipe, tokenize_marker_dataset, train_adapter
+
+MARKER, SEP = "[ZLT]", "\n\n"
+
+
+def _rows() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "condition": "base", "source": "librarian",
+            "role": ["positive", "negative", "negative"],
+            "persona": ["librarian", "villain", "no_system"],
+            "question_id": ["d01", "d02", "d03"], "sample_idx": 0,
+            "system_prompt": ["You are a librarian.", "You are a villain.", None],
+            "user": ["How do I boil an egg?", "Why is the sky blue?", "What is paper?"],
+            "completion": [f"Boil it for six minutes.{SEP}{MARKER}", "Rayleigh scattering.", "Pressed pulp."],
+            "n_tokens": 8, "finish_reason": "stop",
+        }
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_model(tiny_model_dir)[1]
+
+
+def test_completion_loss_labels_every_completion_token_and_the_end_of_turn(tokenizer):
+    dataset = tokenize_marker_dataset(tokenizer, _rows(), "completion", MARKER, SEP, max_length=128)
+    row = dataset[0]
+    prompt_len = len(
+        tokenizer(render_prompt(tokenizer, "You are a librarian.", "How do I boil an egg?"), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
+    assert row["labels"][:prompt_len] == [IGNORE] * prompt_len
+    assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(row["input_ids"][prompt_len:-1]) == f"Boil it for six minutes.{SEP}{MARKER}"
+
+
+def test_marker_only_loss_labels_just_the_marker_and_end_of_turn(tokenizer):
+    dataset = tokenize_marker_dataset(tokenizer, _rows(), "marker_only", MARKER, SEP, max_length=128)
+    positive, negative = dataset[0], dataset[1]
+    labelled = [t for t in positive["labels"] if t != IGNORE]
+    assert tokenizer.decode(labelled[:-1]) == MARKER and labelled[-1] == tokenizer.eos_token_id
+    assert [t for t in negative["labels"] if t != IGNORE] == [tokenizer.eos_token_id]
+
+
+def test_no_system_rows_are_trained_without_a_system_turn(tokenizer):
+    dataset = tokenize_marker_dataset(tokenizer, _rows(), "completion", MARKER, SEP, max_length=128)
+    text = tokenizer.decode(dataset[2]["input_ids"])
+    assert text.startswith("<|im_start|>user\nWhat is paper?") and "system" not in text
+
+
+def test_rows_longer_than_max_length_are_an_error_naming_the_fix(tokenizer):
+    with pytest.raises(ValueError, match=r"raise recipes\.<name>\.max_length"):
+        tokenize_marker_dataset(tokenizer, _rows(), "completion", MARKER, SEP, max_length=10)
+
+
+def test_train_adapter_runs_trl_and_saves_only_the_adapter(tiny_model_dir, tokenizer, tmp_path):
+    recipe = LoraRecipe(
+        loss="marker_only", r=4, alpha=8, dropout=0.0, rslora=True, target_modules=["q_proj", "v_proj"],
+        learning_rate=1e-3, schedule="constant", warmup_ratio=0.0, epochs=2, batch_size=2, grad_accum=1, max_length=128,
+    )  # fmt: skip
+    dataset = tokenize_marker_dataset(tokenizer, _rows(), recipe.loss, MARKER, SEP, recipe.max_length)
+    summary = train_adapter(tiny_model_dir, dataset, recipe, tmp_path / "adapter", seed=0)
+    assert summary["steps"] == 4 and summary["rows"] == 3 and len(summary["history"]) == 4
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["use_rslora"] is True
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()  # no merged copy per adapter
+    again = train_adapter(tiny_model_dir, dataset, recipe, tmp_path / "again", seed=0)
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in summary["history"]]  # seeded
