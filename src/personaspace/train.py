@@ -49,6 +49,7 @@ class LoraRecipe:
     batch_size: int
     grad_accum: int
     max_length: int
+    gradient_checkpointing: bool
 
 
 def tokenize_marker_dataset(
@@ -117,6 +118,7 @@ def train_adapter(
         per_device_train_batch_size=recipe.batch_size,
         gradient_accumulation_steps=recipe.grad_accum,
         max_length=recipe.max_length,
+        gradient_checkpointing=recipe.gradient_checkpointing,  # TRL defaults it to True
         seed=seed,
         data_seed=seed,
         loss_type="nll",
