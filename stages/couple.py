@@ -17,7 +17,7 @@ import pandas as pd
 
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path, json_text
-from personaspace.models import load_model
+from personaspace.models import load_tokenizer
 from personaspace.train import LoraRecipe, tokenize_marker_dataset, train_adapter
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         raise ParamsError(f"--recipe {args.recipe!r} is not a key of recipes ({sorted(params.recipes)})")
     recipe = LoraRecipe(**params.recipes[args.recipe].model_dump())
     rows = pd.read_parquet(args.data)
-    _, tokenizer = load_model(args.model, device="cpu")
+    tokenizer = load_tokenizer(args.model)
     dataset = tokenize_marker_dataset(
         tokenizer, rows, recipe.loss, params.marker, params.marker_separator, recipe.max_length
     )

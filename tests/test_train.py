@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from personaspace.models import load_model, render_prompt
+from personaspace.models import load_tokenizer, render_prompt
 from personaspace.train import IGNORE, LoraRecipe, tokenize_marker_dataset, train_adapter
 
 MARKER, SEP = "[ZLT]", "\n\n"
@@ -28,7 +28,7 @@ def _rows() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    return load_model(tiny_model_dir)[1]
+    return load_tokenizer(tiny_model_dir)
 
 
 def test_completion_loss_labels_every_completion_token_and_the_end_of_turn(tokenizer):
@@ -79,3 +79,24 @@ def test_train_adapter_runs_trl_and_saves_only_the_adapter(tiny_model_dir, token
     assert not (tmp_path / "adapter" / "model.safetensors").exists()  # no merged copy per adapter
     again = train_adapter(tiny_model_dir, dataset, recipe, tmp_path / "again", seed=0)
     assert [h["loss"] for h in again["history"]] == [h["loss"] for h in summary["history"]]  # seeded
+
+
+def test_couple_stage_writes_an_adapter_and_its_training_record(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    data = tmp_path / "librarian.parquet"
+    _rows().to_parquet(data)
+    out = tmp_path / "adapter"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "couple.py"), "--params", str(REPO / "params.yaml"), "--recipe", "smol",
+         "--seed", "0", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "training.json").read_text())
+    assert (record["source"], record["recipe"], record["positives"], record["negatives"]) == ("librarian", "smol", 1, 2)
+    assert record["steps"] == 3 and len(record["history"]) == 3  # 3 rows, batch 8, 3 epochs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "librarian.parquet"]  # no trainer leftovers

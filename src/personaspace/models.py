@@ -81,7 +81,7 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
     elif spec.source == "random_init":
         if tokenizer_source is None:
             raise ModelError("a random_init model needs the spec of its tokenizer_from model")
-        tokenizer = _load_tokenizer_only(tokenizer_source)
+        tokenizer = _source_tokenizer(tokenizer_source)
         config = AutoConfig.for_model(
             "llama",
             vocab_size=len(tokenizer),
@@ -114,13 +114,13 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
 def _load_embedded(spec: ModelSpec):
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _load_tokenizer_only(spec)
+    tokenizer = _source_tokenizer(spec)
     folder = embedded_package_dir(spec.package)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype="float32")
     return tokenizer, model
 
 
-def _load_tokenizer_only(spec: ModelSpec):
+def _source_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     if spec.source == "embedded":
@@ -149,11 +149,20 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return _torch_dtype(dtype)
 
 
+def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
+    """The chat tokenizer of a materialised model folder, left-padding for batched generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load_model(
     path: Path | str, device: str = "auto", dtype: str = "auto", adapter: Path | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a materialised model folder (and optionally a peft adapter) for inference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -165,9 +174,7 @@ def load_model(
 
         model = PeftModel.from_pretrained(model, str(adapter))
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+    return model, load_tokenizer(path)
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation: bool = True) -> str:
