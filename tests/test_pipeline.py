@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -79,7 +80,7 @@ def _ran(output: str) -> set[str]:
 def test_dvc_repro_builds_the_base_model_completions_and_marker_datasets(tiny_repo):
     output = _run(["dvc", "repro"], tiny_repo)
     panel = load_catalog().panel(12)
-    assert _ran(output) == {"base", "markers@base"} | {f"datagen@base-{p}" for p in panel}
+    assert _ran(output) == {"base", "markers@base", "centroids@base"} | {f"datagen@base-{p}" for p in panel}
     assert (tiny_repo / "models/base/config.json").is_file()
     for persona in panel:
         table = pd.read_parquet(tiny_repo / f"data/completions/base/{persona}.parquet")
@@ -91,6 +92,10 @@ def test_dvc_repro_builds_the_base_model_completions_and_marker_datasets(tiny_re
         positives = dataset[dataset.role == "positive"]
         assert len(positives) == 10 and positives.completion.str.endswith("\n\n[ZLT]").all()
         assert (dataset.role == "negative").sum() == 10
+    readout = json.loads((tiny_repo / "data/centroids/base/readout.json").read_text())
+    assert (readout["layers"], readout["personas"], readout["centering_bank"]) == (3, list(panel), "panel12")
+    cosines = pd.read_parquet(tiny_repo / "data/centroids/base/cosines.parquet")
+    assert len(cosines) == 12 * 12 * 3
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], tiny_repo)
 
 
@@ -108,7 +113,8 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     before = {p: pd.read_parquet(tiny_repo / f"data/markers/base/{p}.parquet") for p in old}
     output = _run(["dvc", "exp", "run", "-S", "personas=24"], tiny_repo)
     new = load_catalog().panel(24)[12:]
-    assert _ran(output) == {"markers@base"} | {f"datagen@base-{p}" for p in new}
+    # Panel-wide stages rerun; per-persona stages run only for the new personas.
+    assert _ran(output) == {"markers@base", "centroids@base"} | {f"datagen@base-{p}" for p in new}
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:

@@ -74,6 +74,12 @@ class SamplingParams(_Strict):
     max_new_tokens: int = Field(gt=0)
 
 
+class EvalParams(SamplingParams):
+    """Eval questions: K samples per (adapter, persona, question); the same prompts feed the probes."""
+
+    user_suffix: str = Field("", description="appended to each eval question (as datagen.user_suffix does)")
+
+
 class NegativesParams(_Strict):
     """Which personas give a source's negative rows: the `hard` set plus `k` drawn from `pool`."""
 
@@ -165,7 +171,7 @@ class Params(_Strict):
     datagen: DatagenParams
     recipes: dict[str, RecipeParams]
     couple: CoupleParams
-    eval: SamplingParams
+    eval: EvalParams
     stats: StatsParams
 
     @model_validator(mode="after")
