@@ -46,6 +46,61 @@ def system_message(persona: Persona, tokenizer: PreTrainedTokenizerBase) -> str 
     return default
 
 
+def persona_cells(
+    tokenizer: PreTrainedTokenizerBase,
+    catalog: Catalog,
+    persona_name: str,
+    *,
+    bank: Literal["data", "eval"],
+    samples_per_question: int,
+    user_suffix: str,
+    study_seed: int,
+    condition: str,
+    stage: str,
+    adapter: str,
+) -> tuple[list[dict], list[ChatRequest]]:
+    """The id columns and the request of every (question, sample) cell of one persona; seeds from stable ids."""
+    persona = catalog.persona(persona_name)
+    system = system_message(persona, tokenizer)
+    rows, requests = [], []
+    for question in catalog.questions(bank):
+        user = question.text + user_suffix
+        for sample_idx in range(samples_per_question):
+            seed = stable_seed(study_seed, stage, condition, adapter, persona.name, question.id, sample_idx)
+            requests.append(ChatRequest(system=system, user=user, seed=seed))
+            rows.append(
+                {
+                    "stage": stage, "condition": condition, "adapter": adapter, "persona": persona.name,
+                    "category": persona.category, "question_bank": bank, "question_id": question.id,
+                    "question_kind": question.kind, "sample_idx": sample_idx, "seed": seed,
+                    "system_prompt": system, "user": user,
+                }
+            )  # fmt: skip
+    return rows, requests
+
+
+def complete_cells(
+    generator: Generator, rows: list[dict], requests: list[ChatRequest], sampling: Sampling, marker: str
+) -> pd.DataFrame:
+    """Sample every request in one batched call; the per-completion table with every id."""
+    completions = generator.generate(requests, sampling) if requests else []
+    out = []
+    for row, completion in zip(rows, completions, strict=True):
+        out.append(
+            dict(
+                row, text=completion.text, n_tokens=completion.n_tokens, finish_reason=completion.finish_reason,
+                fired=fires(completion.text, marker), temperature=sampling.temperature, top_p=sampling.top_p,
+                max_new_tokens=sampling.max_new_tokens,
+            )
+        )  # fmt: skip
+    return typed_completions(pd.DataFrame(out, columns=COMPLETION_COLUMNS))
+
+
+def typed_completions(table: pd.DataFrame) -> pd.DataFrame:
+    """The completion table's column types (counts as int64, fired as bool), whatever it was built from."""
+    return table.astype({"seed": "int64", "sample_idx": "int64", "n_tokens": "int64", "fired": "bool"})
+
+
 def sample_persona_completions(
     generator: Generator,
     tokenizer: PreTrainedTokenizerBase,
@@ -63,39 +118,8 @@ def sample_persona_completions(
     adapter: str = "none",
 ) -> pd.DataFrame:
     """K completions per question of ``bank`` under one persona; seeds derive from stable ids."""
-    persona = catalog.persona(persona_name)
-    system = system_message(persona, tokenizer)
-    rows, requests = [], []
-    for question in catalog.questions(bank):
-        user = question.text + user_suffix
-        for sample_idx in range(samples_per_question):
-            seed = stable_seed(study_seed, stage, condition, adapter, persona.name, question.id, sample_idx)
-            requests.append(ChatRequest(system=system, user=user, seed=seed))
-            rows.append(
-                {
-                    "stage": stage,
-                    "condition": condition,
-                    "adapter": adapter,
-                    "persona": persona.name,
-                    "category": persona.category,
-                    "question_bank": bank,
-                    "question_id": question.id,
-                    "question_kind": question.kind,
-                    "sample_idx": sample_idx,
-                    "seed": seed,
-                    "system_prompt": system,
-                    "user": user,
-                }
-            )
-    for row, completion in zip(rows, generator.generate(requests, sampling), strict=True):
-        row.update(
-            text=completion.text,
-            n_tokens=completion.n_tokens,
-            finish_reason=completion.finish_reason,
-            fired=fires(completion.text, marker),
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-        )
-    table = pd.DataFrame(rows, columns=COMPLETION_COLUMNS)
-    return table.astype({"seed": "int64", "sample_idx": "int64", "n_tokens": "int64", "fired": "bool"})
+    rows, requests = persona_cells(
+        tokenizer, catalog, persona_name, bank=bank, samples_per_question=samples_per_question,
+        user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage=stage, adapter=adapter,
+    )  # fmt: skip
+    return complete_cells(generator, rows, requests, sampling, marker)

@@ -1,0 +1,112 @@
+"""Eval cells cached by content: sample only the (adapter, persona, question, sample) cells not yet done.
+
+>>> store = CellStore(Path("data/eval_cells/base"))                               # doctest: +SKIP
+>>> table, generated = evaluate_cells(generator, catalog, personas, store=store, fingerprint=fp, ...)  # doctest: +SKIP
+
+A cell's key hashes everything its completion depends on: the base and adapter fingerprints, the
+system and user messages, the seed and the sampling settings. Finished cells are appended to the
+store in atomic chunks, so a killed eval resumes where it stopped, and growing the panel samples
+only the new cells; cells common to two panels are the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from personaspace.completions import COMPLETION_COLUMNS, complete_cells, persona_cells, typed_completions
+from personaspace.generate import Generator, Sampling
+from personaspace.io import write_parquet
+from personaspace.personas import Catalog
+from personaspace.stats import wilson_interval
+
+
+def fingerprint_dir(path: Path) -> str:
+    """sha256 over a folder's file names and contents (a model or an adapter)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cell_key(row: dict, sampling: Sampling, fingerprint: str) -> str:
+    """Content key of one eval cell."""
+    parts = [fingerprint, row["adapter"], row["system_prompt"], row["user"], row["seed"], row["sample_idx"],
+             sampling.temperature, sampling.top_p, sampling.max_new_tokens]  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+class CellStore:
+    """A folder of parquet chunks of finished cells (completion columns + ``cell_key``)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def load(self) -> pd.DataFrame:
+        chunks = sorted(self.folder.glob("*.parquet")) if self.folder.is_dir() else []
+        if not chunks:
+            return pd.DataFrame(columns=[*COMPLETION_COLUMNS, "cell_key"])
+        return pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True).drop_duplicates("cell_key")
+
+    def add(self, table: pd.DataFrame) -> None:
+        if table.empty:
+            return
+        name = hashlib.sha256("".join(sorted(table["cell_key"])).encode()).hexdigest()[:16]
+        write_parquet(table, self.folder / f"{name}.parquet")
+
+
+def evaluate_cells(
+    generator: Generator,
+    catalog: Catalog,
+    personas: Sequence[str],
+    *,
+    adapter: str,
+    condition: str,
+    samples_per_question: int,
+    sampling: Sampling,
+    user_suffix: str,
+    study_seed: int,
+    marker: str,
+    store: CellStore,
+    fingerprint: str,
+) -> tuple[pd.DataFrame, int]:
+    """Every (persona, eval question, sample) cell for one adapter: cached ones read, the rest sampled in one batch."""
+    done = store.load().set_index("cell_key")
+    rows: list[dict[str, Any]] = []
+    requests = []
+    wanted = []
+    for persona in personas:
+        persona_rows, persona_requests = persona_cells(
+            generator.tokenizer, catalog, persona, bank="eval", samples_per_question=samples_per_question,
+            user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage="eval", adapter=adapter,
+        )  # fmt: skip
+        for row, request in zip(persona_rows, persona_requests, strict=True):
+            key = cell_key(row, sampling, fingerprint)
+            wanted.append(key)
+            if key not in done.index:
+                rows.append(row)
+                requests.append(request)
+    new = complete_cells(generator, rows, requests, sampling, marker)
+    new["cell_key"] = [cell_key(row, sampling, fingerprint) for row in rows]
+    store.add(new)
+    parts = [part for part in (done.reset_index(), new) if not part.empty]
+    everything = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key").set_index("cell_key")
+    table = typed_completions(everything.loc[wanted].reset_index())
+    return table[[*COMPLETION_COLUMNS, "cell_key"]], len(new)
+
+
+def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Fire rate per (adapter, eval persona) with n and the Wilson interval, in tidy form."""
+    grouped = completions.groupby(["adapter", "persona"], sort=True)["fired"].agg(fired="sum", n="size").reset_index()
+    grouped["rate"] = grouped["fired"] / grouped["n"]
+    low, high = wilson_interval(grouped["fired"], grouped["n"], level)
+    grouped["wilson_low"], grouped["wilson_high"] = low, high
+    return grouped

@@ -1,0 +1,56 @@
+"""Eval cells cached by content: nothing sampled twice, growth samples only new cells, rates carry n."""
+
+import pandas as pd
+import pytest
+
+from personaspace.evaluation import CellStore, evaluate_cells, fingerprint_dir, rate_matrix
+from personaspace.generate import Sampling, load_generator
+from personaspace.personas import load_catalog
+from personaspace.stats import wilson_interval
+
+SAMPLING = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_generator("hf", tiny_model_dir, batch_size=64, progress=False), fingerprint_dir(tiny_model_dir)
+
+
+def _evaluate(tiny, store, personas, marker="[ZLT]"):
+    generator, fingerprint = tiny
+    return evaluate_cells(
+        generator, load_catalog(), personas, adapter="none", condition="base", samples_per_question=1,
+        sampling=SAMPLING, user_suffix=" Briefly.", study_seed=0, marker=marker, store=store, fingerprint=fingerprint,
+    )  # fmt: skip
+
+
+def test_cells_are_sampled_once_and_growth_samples_only_the_new_ones(tiny, tmp_path):
+    store = CellStore(tmp_path / "cells")
+    first, generated = _evaluate(tiny, store, ["librarian", "villain"])
+    assert generated == 40 and len(first) == 40
+    again, generated = _evaluate(tiny, store, ["librarian", "villain"])
+    assert generated == 0
+    pd.testing.assert_frame_equal(first, again)
+    grown, generated = _evaluate(tiny, store, ["librarian", "villain", "pirate"])
+    assert generated == 20 and len(grown) == 60
+    pd.testing.assert_frame_equal(grown.iloc[:40].reset_index(drop=True), first)
+
+
+def test_a_killed_eval_resumes_from_the_finished_chunks(tiny, tmp_path):
+    store = CellStore(tmp_path / "cells")
+    _evaluate(tiny, store, ["librarian"])  # as if the run died after the first adapter-persona chunk
+    _, generated = _evaluate(tiny, store, ["librarian", "comedian"])
+    assert generated == 20
+    assert not list((tmp_path / "cells").glob(".*"))  # no temporary leftovers beside the chunks
+
+
+def test_rate_matrix_has_n_and_wilson_intervals():
+    completions = pd.DataFrame({"adapter": ["a"] * 5 + ["b"] * 3, "persona": ["x"] * 5 + ["y"] * 3,
+                                "fired": [True, True, False, False, False, True, True, True]})  # fmt: skip
+    matrix = rate_matrix(completions, 0.95).set_index(["adapter", "persona"])
+    assert (matrix.loc[("a", "x"), "fired"], matrix.loc[("a", "x"), "n"]) == (2, 5)
+    low, high = wilson_interval(2, 5, 0.95)
+    assert matrix.loc[("a", "x"), "wilson_low"] == pytest.approx(low) and matrix.loc[
+        ("a", "x"), "wilson_high"
+    ] == pytest.approx(high)
+    assert matrix.loc[("b", "y"), "rate"] == 1.0
