@@ -81,8 +81,7 @@ def evaluate_cells(
     """Every (persona, eval question, sample) cell for one adapter: cached ones read, the rest sampled in one batch."""
     done = store.load().set_index("cell_key")
     rows: list[dict[str, Any]] = []
-    requests = []
-    wanted = []
+    requests, wanted, new_keys = [], [], []
     for persona in personas:
         persona_rows, persona_requests = persona_cells(
             generator.tokenizer, catalog, persona, bank="eval", samples_per_question=samples_per_question,
@@ -94,8 +93,9 @@ def evaluate_cells(
             if key not in done.index:
                 rows.append(row)
                 requests.append(request)
+                new_keys.append(key)
     new = complete_cells(generator, rows, requests, sampling, marker)
-    new["cell_key"] = [cell_key(row, sampling, fingerprint) for row in rows]
+    new["cell_key"] = new_keys
     store.add(new)
     parts = [part for part in (done.reset_index(), new) if not part.empty]
     everything = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key").set_index("cell_key")

@@ -99,13 +99,14 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
         raise ModelError(f"unknown model source {spec.source!r}")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    default_prompt = model_default_system_prompt(tokenizer)
     info = {
         "spec": spec.model_dump(),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "num_hidden_layers": model.config.num_hidden_layers,
         "hidden_size": model.config.hidden_size,
-        "model_default_system_prompt": model_default_system_prompt(tokenizer),
-        "template_injects_default_system": model_default_system_prompt(tokenizer) is not None,
+        "model_default_system_prompt": default_prompt,
+        "template_injects_default_system": default_prompt is not None,
     }
     (out_dir / MATERIALISED_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
