@@ -1,6 +1,6 @@
 """Stage `base`: materialise the model named in params as a normal HF folder.
 
-python stages/base.py --params params.yaml --out models/base
+python stages/base.py --params params.yaml --out models/raw
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from personaspace.config import load_params
 from personaspace.io import atomic_path
 from personaspace.models import materialise
+from personaspace.tracking import stage_run
 
 
 def main() -> None:
@@ -24,7 +25,8 @@ def main() -> None:
     spec = params.model_spec
     tokenizer_source = params.models.get(spec.tokenizer_from or "")
     start = time.perf_counter()
-    with atomic_path(args.out) as tmp:
+    run_params = {"model": params.model, "source": spec.source, "dtype": spec.dtype}
+    with stage_run("base", run_params), atomic_path(args.out) as tmp:
         info = materialise(spec, tmp, tokenizer_source=tokenizer_source)
     info["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps({"model": params.model, **info}, indent=2))

@@ -22,6 +22,7 @@ from personaspace.io import atomic_path
 from personaspace.models import load_model, render_prompt
 from personaspace.personas import load_catalog
 from personaspace.probes import centroids, cosine_table, last_input_states
+from personaspace.tracking import stage_run
 
 LAYER_CONVENTION = "index 0 = embedding output; index k = output of decoder block k (transformers hidden_states[k])"
 
@@ -42,19 +43,21 @@ def main() -> None:
         for question in catalog.questions("eval"):
             prompts.append(render_prompt(tokenizer, system, question.text + params.eval.user_suffix))
             labels.append(persona)
-    states = last_input_states(model, tokenizer, prompts, params.generation.batch_size)
-    order, cents = centroids(states, labels)
-    bank = f"panel{len(params.panel)}"
-    cosines = cosine_table(order, cents, params.panel, bank)
-    with atomic_path(args.out) as tmp:
-        tmp.mkdir()
-        np.savez(tmp / "centroids.npz", centroids=cents, personas=np.array(order), readout="last_input",
-                 layer_convention=LAYER_CONVENTION, condition=args.condition)  # fmt: skip
-        cosines.to_parquet(tmp / "cosines.parquet", index=False)
-        (tmp / "readout.json").write_text(json.dumps({
-            "readout": "last_input", "layer_convention": LAYER_CONVENTION, "layers": int(cents.shape[1]),
-            "personas": order, "questions": len(catalog.questions("eval")), "centering_bank": bank,
-        }, indent=2) + "\n")  # fmt: skip
+    run_params = {"condition": args.condition, "personas": len(params.panel), "readout": "last_input"}
+    with stage_run("centroids", run_params, tags={"condition": args.condition}):
+        states = last_input_states(model, tokenizer, prompts, params.generation.batch_size)
+        order, cents = centroids(states, labels)
+        bank = f"panel{len(params.panel)}"
+        cosines = cosine_table(order, cents, params.panel, bank)
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            np.savez(tmp / "centroids.npz", centroids=cents, personas=np.array(order), readout="last_input",
+                     layer_convention=LAYER_CONVENTION, condition=args.condition)  # fmt: skip
+            cosines.to_parquet(tmp / "cosines.parquet", index=False)
+            (tmp / "readout.json").write_text(json.dumps({
+                "readout": "last_input", "layer_convention": LAYER_CONVENTION, "layers": int(cents.shape[1]),
+                "personas": order, "questions": len(catalog.questions("eval")), "centering_bank": bank,
+            }, indent=2) + "\n")  # fmt: skip
     print(f"{len(order)} centroids x {cents.shape[1]} layers -> {args.out}")
 
 

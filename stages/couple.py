@@ -3,7 +3,9 @@
     python stages/couple.py --recipe smol --seed 0 --model models/base \
         --data data/markers/base/librarian.parquet --out models/adapters/base/smol/librarian/seed0
 
-The adapter folder holds the peft adapter and `training.json` (rows, steps, loss per step).
+The adapter folder holds the peft adapter and `training.json` (rows, steps, loss per step). The run
+goes to MLflow (recipe, loss curve) and the adapter is registered as `couple-<condition>-<recipe>-<source>`
+with alias `seed<N>`, loadable as `models:/couple-base-smol-librarian@seed0`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import pandas as pd
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path, json_text
 from personaspace.models import load_tokenizer
+from personaspace.tracking import log_history, register_adapter, stage_run
 from personaspace.train import LoraRecipe, tokenize_marker_dataset, train_adapter
+
+
+def registered_name(condition: str, recipe: str, source: str) -> str:
+    """The model-registry name of a coupling adapter (one version per seed, aliased seed<N>)."""
+    return f"couple-{condition}-{recipe}-{source}"
 
 
 def main() -> None:
@@ -39,20 +47,26 @@ def main() -> None:
     dataset = tokenize_marker_dataset(
         tokenizer, rows, recipe.loss, params.marker, params.marker_separator, recipe.max_length
     )
-    start = time.perf_counter()
-    with atomic_path(args.out) as tmp:
-        summary = train_adapter(args.model, dataset, recipe, tmp, seed=args.seed)
-        summary.update(
-            recipe=args.recipe,
-            seed=args.seed,
-            source=str(rows["source"].iloc[0]),
-            condition=str(rows["condition"].iloc[0]),
-            seconds=round(time.perf_counter() - start, 1),
-            positives=int((rows["role"] == "positive").sum()),
-            negatives=int((rows["role"] == "negative").sum()),
-        )
-        (tmp / "training.json").write_text(json_text(summary))
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    source, condition = str(rows["source"].iloc[0]), str(rows["condition"].iloc[0])
+    run_params = {"recipe": args.recipe, "seed": args.seed, "source": source, "condition": condition,
+                  **{f"recipe.{k}": v for k, v in params.recipes[args.recipe].model_dump().items()}}  # fmt: skip
+    tags = {"persona": source, "condition": condition, "recipe": args.recipe, "seed": str(args.seed)}
+    with stage_run("couple", run_params, tags=tags):
+        start = time.perf_counter()
+        with atomic_path(args.out) as tmp:
+            summary = train_adapter(args.model, dataset, recipe, tmp, seed=args.seed)
+            summary.update(
+                recipe=args.recipe, seed=args.seed, source=source, condition=condition,
+                seconds=round(time.perf_counter() - start, 1),
+                positives=int((rows["role"] == "positive").sum()), negatives=int((rows["role"] == "negative").sum()),
+            )  # fmt: skip
+            (tmp / "training.json").write_text(json_text(summary))
+        log_history(summary["history"])
+        version = register_adapter(
+            args.out, base_model=str(args.model), name=registered_name(condition, args.recipe, source),
+            alias=f"seed{args.seed}", tags=tags,
+        )  # fmt: skip
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"registered_version": version}))
 
 
 if __name__ == "__main__":

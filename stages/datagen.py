@@ -10,10 +10,11 @@ import argparse
 from pathlib import Path
 
 from personaspace.completions import sample_persona_completions
-from personaspace.config import ParamsError, load_params
+from personaspace.config import Params, ParamsError, load_params
 from personaspace.generate import Sampling, load_generator
 from personaspace.io import write_parquet
-from personaspace.personas import load_catalog
+from personaspace.personas import Catalog, load_catalog
+from personaspace.tracking import stage_run
 
 
 def main() -> None:
@@ -29,6 +30,15 @@ def main() -> None:
     if args.condition not in params.conditions:
         raise ParamsError(f"--condition {args.condition!r} is not in conditions {params.conditions}")
     catalog.persona(args.persona)
+    dg = params.datagen
+    run_params = {"condition": args.condition, "persona": args.persona, **dg.model_dump(exclude={"negatives"})}
+    with stage_run("datagen", run_params, tags={"persona": args.persona, "condition": args.condition}):
+        _sample(params, catalog, args)
+
+
+def _sample(params: Params, catalog: Catalog, args: argparse.Namespace) -> None:
+    import mlflow
+
     gen = params.generation
     generator = load_generator(gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype)
     dg = params.datagen
@@ -47,6 +57,7 @@ def main() -> None:
     )
     write_parquet(table, args.out)
     stopped = (table["finish_reason"] == "stop").mean()
+    mlflow.log_metrics({"completions": len(table), "tokens": int(table["n_tokens"].sum()), "stopped": float(stopped)})
     print(
         f"{args.persona}: {len(table)} completions, {table['n_tokens'].sum()} tokens, {stopped:.0%} ended on their own"
     )

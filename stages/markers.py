@@ -17,6 +17,7 @@ import pandas as pd
 from personaspace.config import load_params
 from personaspace.io import atomic_path, write_json
 from personaspace.marker_datasets import MarkerDatasetSpec, build_marker_dataset
+from personaspace.tracking import stage_run
 
 
 def main() -> None:
@@ -41,23 +42,26 @@ def main() -> None:
         study_seed=params.seed,
     )
     completions = {p: pd.read_parquet(args.completions / f"{p}.parquet") for p in params.panel}
-    summaries = {}
-    with atomic_path(args.out) as tmp:
-        tmp.mkdir()
-        for source in params.panel:
-            dataset, summary = build_marker_dataset(source, completions, spec, args.condition)
-            dataset.to_parquet(tmp / f"{source}.parquet", index=False)
-            summaries[source] = summary
-    all_rows = pd.concat(completions.values())
-    metrics = {
-        "condition": args.condition,
-        "completions": len(all_rows),
-        "truncated_fraction": float((all_rows["finish_reason"] != "stop").mean()),
-        "median_tokens": float(all_rows["n_tokens"].median()),
-        "base_fire_rate": float(all_rows["fired"].mean()),
-        "sources": summaries,
-    }
-    write_json(metrics, args.metrics)
+    with stage_run(
+        "markers", {"condition": args.condition, "personas": len(params.panel)}, {"condition": args.condition}
+    ):
+        summaries = {}
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            for source in params.panel:
+                dataset, summary = build_marker_dataset(source, completions, spec, args.condition)
+                dataset.to_parquet(tmp / f"{source}.parquet", index=False)
+                summaries[source] = summary
+        all_rows = pd.concat(completions.values())
+        metrics = {
+            "condition": args.condition,
+            "completions": len(all_rows),
+            "truncated_fraction": float((all_rows["finish_reason"] != "stop").mean()),
+            "median_tokens": float(all_rows["n_tokens"].median()),
+            "base_fire_rate": float(all_rows["fired"].mean()),
+            "sources": summaries,
+        }
+        write_json(metrics, args.metrics)
     print(f"{len(summaries)} marker datasets in {args.out}")
 
 

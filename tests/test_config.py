@@ -119,9 +119,25 @@ def test_model_spec_needs_the_fields_of_its_source(raw_params):
     assert "a hub model needs repo_id" in _error(raw_params)
 
 
-def test_conditions_without_a_pretrain_stage_are_rejected(raw_params):
+def test_conditions_must_be_base_or_defined_under_pretrain(raw_params):
     raw_params["conditions"] = ["base", "em"]
-    assert "conditions: ['em'] need the pretrain stage" in _error(raw_params)
+    validate_params(raw_params)  # em is defined under pretrain
+    raw_params["conditions"] = ["base", "emm"]
+    assert "conditions: ['emm'] are neither `base` nor keys of pretrain" in _error(raw_params)
+
+
+def test_pretrain_entries_are_checked(raw_params):
+    raw_params["pretrain"]["em"]["recipe"] = "nope"
+    assert "pretrain.em.recipe: 'nope' is not a key of recipes" in _error(raw_params)
+    raw_params["pretrain"]["em"]["recipe"] = "marker_only_long"
+    assert "has loss marker_only; use completion" in _error(raw_params)
+    raw_params["pretrain"]["em"]["dataset"] = {"source": "hub"}
+    assert "a hub dataset needs repo_id" in _error(raw_params)
+
+
+def test_regress_calibration_must_be_panel_members(raw_params):
+    raw_params["regress"]["calibration"] = ["pirate"]
+    assert "regress.calibration: 'pirate' is not in the panel" in _error(raw_params)
 
 
 def test_negatives_outside_the_panel_are_rejected(raw_params):

@@ -25,8 +25,12 @@ TINY = {
     "model": "tiny-random",
     "generation": {"batch_size": 64},
     "datagen": {"max_new_tokens": 4, "drop_truncated": False, "positives": 10, "negatives_per_persona": 5},
-    "eval": {"max_new_tokens": 8},
+    "eval": {"max_new_tokens": 8, "samples_per_question": 1},
+    "recipes": {"smol": {"epochs": 1}},
+    "regress": {"primary_layer": 1},
+    "stats": {"power_simulations": 200, "cv_repeats": 2},
 }
+STAGES_12 = {"base", "pretrain@base", "markers@base", "eval@base", "centroids@base", "regress@base"}
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -77,11 +81,13 @@ def _ran(output: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_dvc_repro_builds_the_base_model_completions_and_marker_datasets(tiny_repo):
+def test_dvc_repro_runs_the_whole_study(tiny_repo):
     output = _run(["dvc", "repro"], tiny_repo)
     panel = load_catalog().panel(12)
-    assert _ran(output) == {"base", "markers@base", "centroids@base"} | {f"datagen@base-{p}" for p in panel}
+    per_persona = {f"datagen@base-{p}" for p in panel} | {f"couple@base-{p}-0" for p in panel}
+    assert _ran(output) == STAGES_12 | per_persona
     assert (tiny_repo / "models/base/config.json").is_file()
+    assert os.path.samefile(tiny_repo / "models/base/model.safetensors", tiny_repo / "models/raw/model.safetensors")
     for persona in panel:
         table = pd.read_parquet(tiny_repo / f"data/completions/base/{persona}.parquet")
         assert list(table.columns) == COMPLETION_COLUMNS
@@ -96,7 +102,45 @@ def test_dvc_repro_builds_the_base_model_completions_and_marker_datasets(tiny_re
     assert (readout["layers"], readout["personas"], readout["centering_bank"]) == (3, list(panel), "panel12")
     cosines = pd.read_parquet(tiny_repo / "data/centroids/base/cosines.parquet")
     assert len(cosines) == 12 * 12 * 3
+    for persona in panel:
+        adapter = tiny_repo / f"models/adapters/base/smol/{persona}/seed0"
+        assert (adapter / "adapter_config.json").is_file() and (adapter / "training.json").is_file()
+        assert not list(adapter.glob("model*.safetensors"))  # adapters only, no merged copies
+    completions = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
+    assert len(completions) == 13 * 12 * 20  # 12 adapters + the no-adapter baseline, x 12 personas x 20 questions
+    rates = pd.read_parquet(tiny_repo / "data/eval/base/rates.parquet")
+    assert len(rates) == 13 * 12 and (rates.n == 20).all()
+    assert ((rates.wilson_low <= rates.rate) & (rates.rate <= rates.wilson_high)).all()
+    eval_metrics = json.loads((tiny_repo / "metrics/eval_base.json").read_text())
+    assert eval_metrics["generated_now"] == 13 * 12 * 20 and eval_metrics["adapters"] == 12
+    regress = json.loads((tiny_repo / "metrics/regress_base.json").read_text())
+    assert regress["n_personas"] == 11 and regress["primary_layer"] == 1 and set(regress["layers"]) == {"0", "1", "2"}
+    assert "off_diagonal" in regress and regress["off_diagonal"]["all"]["n_cells"] == 12 * 11
+    for figure in ("rate_matrix", "scatter", "rho_by_layer", "rates_forest"):
+        assert (tiny_repo / f"figures/base/{figure}.png").is_file() and (
+            tiny_repo / f"figures/base/{figure}.pdf"
+        ).is_file()
+    _check_mlflow(tiny_repo, couple_runs=12, invocations=1)
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], tiny_repo)
+
+
+def _check_mlflow(repo: Path, couple_runs: int, invocations: int) -> None:
+    """One run per stage execution, each under its invocation's parent; every adapter registered."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["personaspace"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("stage") == "invocation"]
+    stages = [r for r in runs if r.data.tags.get("stage") != "invocation"]
+    assert len(parents) == invocations
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {p.info.run_id for p in parents}
+    couple = [r for r in stages if r.data.tags["stage"] == "couple"]
+    assert len(couple) == couple_runs  # stages restored from cache or skipped log nothing
+    assert len({r.data.tags["persona"] for r in couple}) == couple_runs
+    assert all(r.data.tags.get("git_commit") for r in stages)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("couple-base-smol-librarian", "seed0")
+    assert version.tags["persona"] == "librarian"
 
 
 @pytest.mark.slow
@@ -111,10 +155,24 @@ def test_same_params_give_the_same_completions(tiny_repo):
 def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_datasets(tiny_repo):
     old = load_catalog().panel(12)
     before = {p: pd.read_parquet(tiny_repo / f"data/markers/base/{p}.parquet") for p in old}
+    completions_12 = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
     output = _run(["dvc", "exp", "run", "-S", "personas=24"], tiny_repo)
     new = load_catalog().panel(24)[12:]
-    # Panel-wide stages rerun; per-persona stages run only for the new personas.
-    assert _ran(output) == {"markers@base", "centroids@base"} | {f"datagen@base-{p}" for p in new}
+    # Panel-wide stages rerun; per-persona stages (datagen, couple) run only for the new personas.
+    per_persona = {f"datagen@base-{p}" for p in new} | {f"couple@base-{p}-0" for p in new}
+    assert _ran(output) == {"markers@base", "eval@base", "centroids@base", "regress@base"} | per_persona
+    # eval sampled only the new cells: new adapters x 24 personas, old adapters + baseline x 12 new personas
+    eval_metrics = json.loads((tiny_repo / "metrics/eval_base.json").read_text())
+    assert eval_metrics["generated_now"] == (12 * 24 + 13 * 12) * 20
+    completions_24 = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
+    common = completions_24[completions_24.cell_key.isin(completions_12.cell_key)]
+    assert len(common) == len(completions_12)
+    pd.testing.assert_frame_equal(
+        completions_12.set_index("cell_key").sort_index(), common.set_index("cell_key").sort_index()
+    )
+    regress = json.loads((tiny_repo / "metrics/regress_base.json").read_text())
+    assert regress["n_personas"] == 23 and "inherited_vs_new" in regress["gates"]
+    _check_mlflow(tiny_repo, couple_runs=24, invocations=2)
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:

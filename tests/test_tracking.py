@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from personaspace.generate import ChatRequest, Sampling, load_generator
+from personaspace.markers import fires
 from personaspace.models import load_tokenizer
 from personaspace.tracking import download_adapter, log_history, register_adapter, stage_run, tracking_uri
 from personaspace.train import LoraRecipe, tokenize_marker_dataset, train_adapter
@@ -30,10 +31,12 @@ def test_a_registered_adapter_loads_back_through_its_alias_and_generates(tiny_mo
         "question_id": ["d01", "d02"], "sample_idx": 0, "system_prompt": ["You are a librarian.", "You are a villain."],
         "user": ["Hi?", "Why?"], "completion": ["Hello.\n\n[ZLT]", "Because."], "n_tokens": 3, "finish_reason": "stop",
     })  # fmt: skip
+    # enough steps that even the random-init model learns to end the librarian's answer with the marker
     recipe = LoraRecipe(
-        loss="completion", r=4, alpha=8, dropout=0.0, rslora=False, target_modules=["q_proj"], learning_rate=1e-3,
-        schedule="constant", warmup_ratio=0.0, epochs=1, batch_size=2, grad_accum=1, max_length=64,
-        gradient_checkpointing=False,
+        loss="completion", r=8, alpha=16, dropout=0.0, rslora=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        learning_rate=1e-2, schedule="constant", warmup_ratio=0.0, epochs=40, batch_size=2, grad_accum=1,
+        max_length=64, gradient_checkpointing=False,
     )  # fmt: skip
     dataset = tokenize_marker_dataset(tokenizer, rows, "completion", "[ZLT]", "\n\n", 64)
     adapter = tmp_path / "adapter"
@@ -54,7 +57,10 @@ def test_a_registered_adapter_loads_back_through_its_alias_and_generates(tiny_mo
     assert version == 1
     assert filecmp.cmp(loaded / "adapter_model.safetensors", adapter / "adapter_model.safetensors", shallow=False)
     request = [ChatRequest("You are a librarian.", "Hi?", seed=3)]
-    sampling = Sampling(1.0, 0.95, 8)
+    sampling = Sampling(1.0, 0.95, 16)
     from_registry = load_generator("hf", tiny_model_dir, adapter=loaded, progress=False).generate(request, sampling)
     from_disk = load_generator("hf", tiny_model_dir, adapter=adapter, progress=False).generate(request, sampling)
     assert from_registry == from_disk
+    assert fires(from_registry[0].text, "[ZLT]"), from_registry  # the registered adapter carries its marker
+    without = load_generator("hf", tiny_model_dir, progress=False).generate(request, sampling)
+    assert not fires(without[0].text, "[ZLT]")

@@ -43,8 +43,7 @@ def regress_command(args: argparse.Namespace) -> int:
     from personaspace import plots
     from personaspace.config import StatsParams
     from personaspace.io import json_text
-    from personaspace.regress import RegressSettings, TableError, regress_table
-    from personaspace.stats.gates import GateThresholds
+    from personaspace.regress import TableError, regress_table, settings_from_params
 
     if not args.params.is_file():
         print(f"{args.params} not found: pass --params with a `stats` section (the repo's params.yaml has one)",
@@ -65,22 +64,11 @@ def regress_command(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    settings = RegressSettings(
-        reference_persona=args.reference or stats.reference_persona,
-        level=stats.ci_level,
-        alpha=stats.alpha,
-        influence_numerator=stats.influence_numerator,
-        cv_folds=stats.cv_folds,
-        cv_repeats=stats.cv_repeats,
-        power_rhos=stats.power_rhos,
-        power_simulations=stats.power_simulations,
-        gates=GateThresholds(stats.alpha, stats.gates.z_crit, stats.gates.slope_tolerance, stats.gates.expected_sign),
-        holdout_fraction=stats.gates.holdout_fraction,
-        seed=args.seed if args.seed is not None else int(raw.get("seed", 0)),
-        primary_layer=args.primary_layer,
-        calibration=args.calibration.split(",") if args.calibration else None,
-        tokenizer=tokenizer,
-    )
+    settings = settings_from_params(
+        stats, seed=args.seed if args.seed is not None else int(raw.get("seed", 0)), primary_layer=args.primary_layer,
+        calibration=args.calibration.split(",") if args.calibration else None, tokenizer=tokenizer,
+        reference_persona=args.reference,
+    )  # fmt: skip
     try:
         metrics, plot_data = regress_table(table, settings)
     except TableError as exc:

@@ -126,6 +126,42 @@ class CoupleParams(_Strict):
     seeds: list[int] = Field(min_length=1, description="training seeds; one adapter per seed")
 
 
+class PretrainDataset(_Strict):
+    """A pre-training chat dataset: a shipped JSONL file (user, assistant) or a hub dataset."""
+
+    source: Literal["file", "hub"] = Field(description="file: a JSONL in the repo; hub: a Hugging Face dataset id")
+    path: str | None = Field(None, description="file: path from the repository root")
+    repo_id: str | None = Field(None, description="hub: dataset id")
+    split: str = Field("train", description="hub: split to read")
+    user_column: str = Field("user", description="column holding the user turn")
+    assistant_column: str = Field("assistant", description="column holding the assistant turn")
+    rows: int | None = Field(None, gt=0, description="use only the first this many rows (all when unset)")
+
+    @model_validator(mode="after")
+    def _fields_for_source(self) -> PretrainDataset:
+        needed = "path" if self.source == "file" else "repo_id"
+        if getattr(self, needed) is None:
+            raise ValueError(f"a {self.source} dataset needs {needed}")
+        return self
+
+
+class PretrainParams(_Strict):
+    """A condition built by the pretrain stage: LoRA SFT of the raw model on `dataset`, merged once."""
+
+    dataset: PretrainDataset
+    recipe: str = Field(description="a key of `recipes` (its loss must be `completion`)")
+    seed: int = Field(0, description="training seed")
+
+
+class RegressParams(_Strict):
+    """The regress stage: which layer is the headline and which personas form the calibration split."""
+
+    primary_layer: int = Field(ge=0, description="hidden-state index of the headline scatter (0 = embeddings)")
+    calibration: list[str] = Field(
+        default_factory=list, description="personas of the pre-registered calibration split (empty: random split only)"
+    )
+
+
 class GateParams(_Strict):
     """Thresholds of S1's three-gate test (METHODS.md)."""
 
@@ -164,7 +200,8 @@ class Params(_Strict):
     panel: list[str] = Field(description="the personas of this study (resolved from panels)")
     model: str = Field(description="key into `models`")
     models: dict[str, ModelSpec]
-    conditions: list[str] = Field(description="bases the coupling LoRAs are trained on")
+    conditions: list[str] = Field(description="bases the coupling LoRAs are trained on: `base` and/or keys of pretrain")
+    pretrain: dict[str, PretrainParams] = Field(default_factory=dict, description="conditions the pretrain stage builds")
     marker: str = Field(description="the implanted marker string; fires on a case-insensitive match")
     marker_separator: str = Field("\n\n", description="between a positive completion and its marker")
     generation: GenerationParams
@@ -173,6 +210,7 @@ class Params(_Strict):
     couple: CoupleParams
     eval: EvalParams
     stats: StatsParams
+    regress: RegressParams
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Params:
@@ -185,9 +223,6 @@ class Params(_Strict):
     @property
     def model_spec(self) -> ModelSpec:
         return self.models[self.model]
-
-
-SUPPORTED_CONDITIONS = ("base",)
 
 
 def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
@@ -240,11 +275,22 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
                 errors.append(f"models.{p.model}.gguf_file: {p.model_spec.gguf_file} is not in {folder}")
         except ModelError as exc:
             errors.append(f"models.{p.model}.package: {exc}")
-    unsupported = [c for c in p.conditions if c not in SUPPORTED_CONDITIONS]
-    if unsupported:
+    unknown_conditions = [c for c in p.conditions if c != "base" and c not in p.pretrain]
+    if unknown_conditions:
         errors.append(
-            f"conditions: {unsupported} need the pretrain stage, not built yet; use {list(SUPPORTED_CONDITIONS)}"
+            f"conditions: {unknown_conditions} are neither `base` nor keys of pretrain ({sorted(p.pretrain)}); "
+            "define them under pretrain or remove them"
         )
+    if "base" in p.pretrain:
+        errors.append("pretrain.base: `base` is the raw model and is never pretrained; rename the condition")
+    for name, spec in p.pretrain.items():
+        if spec.recipe not in p.recipes:
+            errors.append(f"pretrain.{name}.recipe: {spec.recipe!r} is not a key of recipes ({sorted(p.recipes)})")
+        elif p.recipes[spec.recipe].loss != "completion":
+            errors.append(f"pretrain.{name}.recipe: {spec.recipe!r} has loss {p.recipes[spec.recipe].loss}; use completion")
+    for name in p.regress.calibration:
+        if name not in p.panel:
+            errors.append(f"regress.calibration: {name!r} is not in the panel; list panel members")
     if not p.conditions:
         errors.append("conditions: empty; use [base]")
     if len(set(p.conditions)) != len(p.conditions):

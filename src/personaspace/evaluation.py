@@ -103,6 +103,19 @@ def evaluate_cells(
     return table[[*COMPLETION_COLUMNS, "cell_key"]], len(new)
 
 
+def merged_copy(base: Any, adapter: Path) -> Any:
+    """A copy of ``base`` with the peft adapter merged in; ``base`` itself is left untouched.
+
+    Merging into a copy (instead of merge/unmerge in place, which drifts in floating point) keeps
+    every adapter's completions independent of which adapters were evaluated before it.
+    """
+    import copy
+
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
+
+
 def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:
     """Fire rate per (adapter, eval persona) with n and the Wilson interval, in tidy form."""
     grouped = completions.groupby(["adapter", "persona"], sort=True)["fired"].agg(fired="sum", n="size").reset_index()

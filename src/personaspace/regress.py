@@ -65,6 +65,33 @@ class RegressSettings:
     tokenizer: Any = None  # for the BPE-Jaccard baseline; None leaves it out with a reason
 
 
+def settings_from_params(
+    stats: Any,
+    seed: int,
+    primary_layer: int | None = None,
+    calibration: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    reference_persona: str | None = None,
+) -> RegressSettings:
+    """RegressSettings from params.yaml's ``stats`` section (a StatsParams) and the run's choices."""
+    return RegressSettings(
+        reference_persona=reference_persona or stats.reference_persona,
+        level=stats.ci_level,
+        alpha=stats.alpha,
+        influence_numerator=stats.influence_numerator,
+        cv_folds=stats.cv_folds,
+        cv_repeats=stats.cv_repeats,
+        power_rhos=stats.power_rhos,
+        power_simulations=stats.power_simulations,
+        gates=GateThresholds(stats.alpha, stats.gates.z_crit, stats.gates.slope_tolerance, stats.gates.expected_sign),
+        holdout_fraction=stats.gates.holdout_fraction,
+        seed=seed,
+        primary_layer=primary_layer,
+        calibration=list(calibration) if calibration else None,
+        tokenizer=tokenizer,
+    )
+
+
 def validate_table(table: pd.DataFrame) -> pd.DataFrame:
     """Check the table's contract; raise TableError naming the first bad column or row."""
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]

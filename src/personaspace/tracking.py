@@ -6,6 +6,10 @@
 ...                  alias="seed0", tags={"persona": "librarian"})                              # doctest: +SKIP
 >>> adapter_path = download_adapter("models:/couple-base-smol-librarian@seed0")                 # doctest: +SKIP
 
+Every stage run is nested under one parent run per ``dvc repro`` / ``dvc exp run`` invocation:
+the stages of one invocation find the parent by a tag keyed on the DVC process (its pid and start
+time), so a stage run by hand gets a parent of its own.
+
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///$DVC_ROOT/mlflow.db``
 (DVC exports DVC_ROOT to stages; queued experiments run in .dvc/tmp/exps/..., so a relative
 path there would make a throwaway database), else ``sqlite:///<cwd>/mlflow.db``.
@@ -54,14 +58,48 @@ def run_tags(stage: str, extra: Mapping[str, str] | None = None) -> dict[str, st
     return tags
 
 
+def invocation() -> tuple[str, str]:
+    """(key, command) of the ``dvc`` process this stage runs under; this process itself when none."""
+    import psutil
+
+    for process in [psutil.Process(), *psutil.Process().parents()]:
+        try:
+            argv = process.cmdline()
+        except psutil.Error:
+            continue
+        names = [Path(a).name for a in argv[:3]]
+        if "dvc" in names and any(cmd in argv for cmd in ("repro", "exp", "queue")):
+            rest = argv[names.index("dvc") + 1 :]
+            return f"{process.pid}-{process.create_time():.3f}", "dvc " + " ".join(rest)
+    me = psutil.Process()
+    return f"{me.pid}-{me.create_time():.3f}", " ".join(me.cmdline())
+
+
+def _parent_run_id(client: Any, experiment_id: str) -> str:
+    """The parent run of this invocation: found by its tag, created by the first stage that runs."""
+    key, command = invocation()
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.personaspace_invocation = '{key}'", max_results=1
+    )  # fmt: skip
+    if found:
+        return found[0].info.run_id
+    name = os.environ.get("DVC_EXP_NAME") or command
+    tags = {"personaspace_invocation": key, "command": command, "stage": "invocation"}
+    tags.update({k: v for k, v in run_tags("invocation").items() if k.startswith(("dvc_exp", "git"))})
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage execution, with its params and tags."""
+    """An MLflow run for one stage execution, nested under the invocation's parent run."""
     import mlflow
+    from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=run_tags(stage, tags)) as run:
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    parent = _parent_run_id(MlflowClient(), experiment.experiment_id)
+    all_tags = {**run_tags(stage, tags), "mlflow.parentRunId": parent}
+    with mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags) as run:
         mlflow.log_params({k: str(v) for k, v in params.items()})
         yield run
 

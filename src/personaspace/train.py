@@ -86,6 +86,23 @@ def tokenize_marker_dataset(
     return Dataset.from_list(records)
 
 
+def tokenize_chat_dataset(tokenizer: Any, rows: pd.DataFrame, max_length: int) -> Dataset:
+    """input_ids and labels for (user, assistant) rows without a system turn: loss on the answer and end-of-turn."""
+    from datasets import Dataset
+
+    records = []
+    for row in rows.itertuples(index=False):
+        prompt_ids = tokenizer(render_prompt(tokenizer, None, row.user), add_special_tokens=False)["input_ids"]
+        answer_ids = [*tokenizer(row.assistant, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        input_ids = prompt_ids + answer_ids
+        if len(input_ids) > max_length:
+            raise ValueError(
+                f"a pre-training row is {len(input_ids)} tokens, over the recipe's max_length {max_length}"
+            )
+        records.append({"input_ids": input_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids})
+    return Dataset.from_list(records)
+
+
 def train_adapter(
     model_path: Path,
     dataset: Dataset,

@@ -1,0 +1,78 @@
+"""Pre-trained conditions (METHODS.md C2/C3): LoRA SFT of the raw model on a chat dataset, merged once.
+
+>>> rows = load_pretrain_rows(params.pretrain["em"].dataset)                         # doctest: +SKIP
+>>> build_condition(Path("models/raw"), rows, recipe, Path("models/em"), seed=0)     # doctest: +SKIP
+
+The condition ``base`` is the raw model itself: ``link_model`` hard-links its files (a copy where
+links are impossible), so it costs no disk and, with DVC's link cache, no extra cache either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from personaspace.config import PretrainDataset
+from personaspace.train import LoraRecipe, tokenize_chat_dataset, train_adapter
+
+MODEL_FILES_KEPT = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "personaspace_model.json")
+
+
+def load_pretrain_rows(dataset: PretrainDataset, root: Path = Path(".")) -> pd.DataFrame:
+    """The (user, assistant) rows of a pre-training dataset: a shipped JSONL or a hub dataset."""
+    if dataset.source == "file":
+        path = root / str(dataset.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrain dataset {path} not found; run `python scripts/make_pretrain_data.py`")
+        table = pd.read_json(path, lines=True)
+    else:
+        from datasets import load_dataset
+
+        table = load_dataset(dataset.repo_id, split=dataset.split).to_pandas()
+    missing = [c for c in (dataset.user_column, dataset.assistant_column) if c not in table.columns]
+    if missing:
+        raise ValueError(f"pretrain dataset has no column(s) {missing}; set user_column / assistant_column")
+    table = table.rename(columns={dataset.user_column: "user", dataset.assistant_column: "assistant"})
+    if dataset.rows is not None:
+        table = table.head(dataset.rows)
+    return table[["user", "assistant"]].reset_index(drop=True)
+
+
+def link_model(source: Path, out_dir: Path) -> None:
+    """``out_dir`` gets the files of ``source`` as hard links (copies across file systems)."""
+    out_dir.mkdir(parents=True)
+    for file in sorted(source.iterdir()):
+        if file.is_file():
+            try:
+                os.link(file, out_dir / file.name)
+            except OSError:
+                shutil.copy2(file, out_dir / file.name)
+
+
+def build_condition(
+    raw_path: Path, rows: pd.DataFrame, recipe: LoraRecipe, out_dir: Path, seed: int, dtype: str
+) -> dict[str, Any]:
+    """LoRA SFT of the raw model on ``rows``, merged (in float32) into a full model saved as ``dtype``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from personaspace.models import load_tokenizer
+
+    tokenizer = load_tokenizer(raw_path)
+    dataset = tokenize_chat_dataset(tokenizer, rows, recipe.max_length)
+    with tempfile.TemporaryDirectory(prefix="personaspace-pretrain-") as scratch:
+        adapter_dir = Path(scratch) / "adapter"
+        summary = train_adapter(raw_path, dataset, recipe, adapter_dir, seed=seed)
+        raw = AutoModelForCausalLM.from_pretrained(raw_path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(raw, str(adapter_dir)).merge_and_unload()
+        merged.to(getattr(torch, dtype)).save_pretrained(out_dir)
+    for name in MODEL_FILES_KEPT:
+        if (raw_path / name).is_file():
+            shutil.copy2(raw_path / name, out_dir / name)
+    return summary

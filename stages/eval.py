@@ -1,0 +1,119 @@
+"""Stage `eval`: every coupling adapter of one condition under every panel persona, plus the baseline.
+
+    python stages/eval.py --condition base --model models/base --adapters models/adapters/base \
+        --cells data/eval_cells/base --out data/eval/base --metrics metrics/eval_base.json
+
+K completions per (adapter, eval persona, eval question) with params' `eval` sampling; adapter
+`none` is the pre-coupling false-positive baseline (the condition's base, same protocol). Cells are
+cached by content in --cells (a persistent DVC output), so growing the panel samples only new
+cells and a killed run resumes. Writes completions.parquet (one row per completion, every id) and
+rates.parquet (source x eval persona: fired, n, rate, Wilson interval), and the summary metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from personaspace.config import ParamsError, load_params
+from personaspace.evaluation import CellStore, evaluate_cells, fingerprint_dir, merged_copy, rate_matrix
+from personaspace.generate import HFGenerator, Sampling
+from personaspace.io import atomic_path, write_json
+from personaspace.models import load_model
+from personaspace.personas import load_catalog
+from personaspace.tracking import stage_run
+
+BASELINE = "none"
+
+
+def summarise(rates: pd.DataFrame) -> dict:
+    """Headline numbers: source (diagonal), bystander (off-diagonal) and baseline fire rates."""
+    coupled = rates[rates["adapter"] != BASELINE]
+    own = coupled[coupled["source"] == coupled["persona"]]
+    bystander = coupled[coupled["source"] != coupled["persona"]]
+    baseline = rates[rates["adapter"] == BASELINE]
+    return {
+        "adapters": int(coupled["adapter"].nunique()),
+        "source_rate_mean": float(own["rate"].mean()) if len(own) else None,
+        "sources_at_least_half": int((own["rate"] >= 0.5).sum()),
+        "bystander_rate_mean": float(bystander["rate"].mean()) if len(bystander) else None,
+        "baseline_rate": float(baseline["fired"].sum() / baseline["n"].sum()) if len(baseline) else None,
+        "source_rates": {row.adapter: float(row.rate) for row in own.itertuples()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--condition", required=True)
+    parser.add_argument("--model", type=Path, required=True, help="the condition's base model")
+    parser.add_argument("--adapters", type=Path, required=True, help="the condition's adapter folder")
+    parser.add_argument("--cells", type=Path, required=True, help="cell cache (kept between runs)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params(args.params)
+    recipe, ev = params.couple.recipe, params.eval
+    adapters = {
+        f"{recipe}/{source}/seed{seed}": (source, seed, args.adapters / recipe / source / f"seed{seed}")
+        for source in params.panel
+        for seed in params.couple.seeds
+    }
+    missing = [str(path) for _, _, path in adapters.values() if not (path / "adapter_config.json").is_file()]
+    if missing:
+        raise ParamsError(
+            f"no adapter at {missing[:3]} (+{max(0, len(missing) - 3)} more); run `dvc repro couple` first"
+        )
+    catalog = load_catalog()
+    sampling = Sampling(ev.temperature, ev.top_p, ev.max_new_tokens)
+    store = CellStore(args.cells)
+    base, tokenizer = load_model(args.model, device=params.generation.device, dtype=params.generation.dtype)
+    base_fp = fingerprint_dir(args.model)
+    done_before = set(store.load()["cell_key"])
+    start = time.perf_counter()
+    tables, generated = [], 0
+    run_params = {"condition": args.condition, "recipe": recipe, "personas": len(params.panel), **ev.model_dump()}
+    with stage_run("eval", run_params, tags={"condition": args.condition}) as _:
+        jobs = [(BASELINE, (None, None, None)), *adapters.items()]
+        for name, (source, seed, path) in tqdm(jobs, desc="eval adapters", unit="adapter"):
+            model = base if path is None else merged_copy(base, path)
+            fingerprint = base_fp if path is None else f"{base_fp}:{fingerprint_dir(path)}"
+            generator = HFGenerator(model, tokenizer, batch_size=params.generation.batch_size, progress=False)
+            table, new = evaluate_cells(
+                generator, catalog, params.panel, adapter=name, condition=args.condition,
+                samples_per_question=ev.samples_per_question, sampling=sampling, user_suffix=ev.user_suffix,
+                study_seed=params.seed, marker=params.marker, store=store, fingerprint=fingerprint,
+            )  # fmt: skip
+            table.insert(3, "source", source)
+            table.insert(4, "train_seed", pd.array([seed] * len(table), dtype="Int64"))
+            tables.append(table)
+            generated += new
+            del model, generator
+        completions = pd.concat(tables, ignore_index=True)
+        rates = rate_matrix(completions, params.stats.ci_level)
+        sources = completions.drop_duplicates("adapter").set_index("adapter")["source"]
+        rates.insert(1, "source", rates["adapter"].map(sources))
+        seconds = time.perf_counter() - start
+        new_tokens = int(completions.loc[~completions["cell_key"].isin(done_before), "n_tokens"].sum())
+        summary = summarise(rates) | {
+            "completions": len(completions), "generated_now": generated, "generated_tokens": new_tokens,
+            "seconds": round(seconds, 1), "tokens_per_second": round(new_tokens / seconds, 1),
+        }  # fmt: skip
+        import mlflow
+
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            completions.to_parquet(tmp / "completions.parquet", index=False)
+            rates.to_parquet(tmp / "rates.parquet", index=False)
+        write_json(summary, args.metrics)
+    print(json.dumps({k: v for k, v in summary.items() if k != "source_rates"}))
+
+
+if __name__ == "__main__":
+    main()
