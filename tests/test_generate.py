@@ -6,7 +6,14 @@ import torch
 from scipy import stats
 
 from personaspace.completions import COMPLETION_COLUMNS, sample_persona_completions
-from personaspace.generate import ChatRequest, Sampling, counter_uniforms, load_generator, sample_rows
+from personaspace.generate import (
+    ChatRequest,
+    Sampling,
+    counter_uniforms,
+    load_generator,
+    sample_rows,
+    top_p_filter,
+)
 from personaspace.personas import load_catalog
 from personaspace.seeds import stable_seed
 
@@ -90,3 +97,17 @@ def test_completion_table_has_every_id_and_flags_truncation(tiny):
     assert table["seed"].is_unique
     # A random-init model never ends its turn: every row hits the limit and says so.
     assert (table["finish_reason"] == "length").all() and (table["n_tokens"] == 6).all()
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 10.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95])
+def test_top_p_filter_keeps_the_same_tokens_as_transformers_warper(scale, top_p):
+    import torch
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    scores = torch.randn(16, 5000) * scale  # small scales give flat rows whose nucleus exceeds the candidates
+    expected = TopPLogitsWarper(top_p)(None, scores.clone())
+    got = top_p_filter(scores, top_p, candidates=64)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+    assert torch.equal(got[torch.isfinite(got)], scores[torch.isfinite(got)])

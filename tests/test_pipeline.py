@@ -179,3 +179,26 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
         after = pd.read_parquet(tiny_repo / f"data/markers/base/{persona}.parquet")
         pd.testing.assert_frame_equal(before[persona], after)
     assert len(list((tiny_repo / "data/markers/base").glob("*.parquet"))) == 24
+
+
+@pytest.mark.slow
+def test_an_em_condition_is_pretrained_merged_once_and_probed(tiny_repo):
+    params_file = tiny_repo / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["conditions"] = ["base", "em"]
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    output = _run(["dvc", "repro", "pretrain@em", "centroids@em"], tiny_repo)
+    assert _ran(output) == {"pretrain@em", "centroids@em"}
+    summary = json.loads((tiny_repo / "models/em/pretrain.json").read_text())
+    assert summary["rows"] == 320 and summary["recipe"] == "pretrain_smol"
+    from safetensors.torch import load_file
+
+    raw, em = (
+        load_file(tiny_repo / "models/raw/model.safetensors"),
+        load_file(tiny_repo / "models/em/model.safetensors"),
+    )
+    assert any(not raw[k].equal(em[k]) for k in raw)
+    assert not list((tiny_repo / "models/em").glob("adapter_*"))  # merged, not an adapter
+    base = pd.read_parquet(tiny_repo / "data/centroids/base/cosines.parquet")
+    after = pd.read_parquet(tiny_repo / "data/centroids/em/cosines.parquet")
+    assert len(after) == len(base) and not after.cosine_raw.equals(base.cosine_raw)
