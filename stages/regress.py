@@ -1,13 +1,14 @@
 """Stage `regress`: geometry vs leakage for one condition (METHODS.md S1) and the study's figures.
 
     python stages/regress.py --condition base --eval data/eval/base --centroids data/centroids/base \
-        --tokenizer models/base --metrics metrics/regress_base.json --plots plots/base --figures figures/base
+        --tokenizer models/base --metrics metrics/regress_base.json --plots plots/base --results results/base
 
 Per layer, the cosine of each source's centroid to the reference persona's (centered over the
 panel) vs the source's own fire rate: the whole statistics suite (personaspace.regress), plus the
-matrix analyses (all N(N-1) off-diagonal cells at the primary layer). Writes the metrics for
-`dvc metrics`, plot data for `dvc plots` (scatter, rho by layer, rates, the rate matrix) and the
-figures as PNG and PDF: rate-matrix heatmap, cosine-vs-rate scatter, rho by layer, rates forest.
+matrix analyses (all N(N-1) off-diagonal cells at the primary layer). Writes the headline numbers
+for `dvc metrics` (--metrics), every statistic in results/<condition>/regress.json, plot data for
+`dvc plots` (scatter, rho by layer, rates, the rate matrix) and the figures as PNG and PDF in
+results/<condition>/: rate-matrix heatmap, cosine-vs-rate scatter, rho by layer, rates forest.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import pandas as pd
 from personaspace import plots
 from personaspace.assemble import cosine_grid, rate_grid, regression_table
 from personaspace.config import load_params
-from personaspace.io import atomic_path, write_json
+from personaspace.io import atomic_path, json_text, write_json
 from personaspace.models import load_tokenizer
 from personaspace.personas import load_catalog
 from personaspace.regress import regress_table, settings_from_params
 from personaspace.stats.gates import off_diagonal
-from personaspace.tracking import stage_run
+from personaspace.tracking import log_to_parent, stage_run
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="model folder (prompt lengths, BPE baseline)")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="folder for plot data (CSV)")
-    parser.add_argument("--figures", type=Path, required=True, help="folder for PNG + PDF figures")
+    parser.add_argument("--results", type=Path, required=True, help="folder for all statistics and the figures")
     args = parser.parse_args()
     params = load_params(args.params)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -56,11 +57,7 @@ def main() -> None:
         grid, cosine_grid(cosines, primary).loc[grid.index, grid.columns], params.stats.strong_emitter_min_rate
     )
     metrics["condition"] = args.condition
-    layer = metrics["layers"][str(primary)]
-    headline = {
-        "primary_spearman_rho": layer["spearman"]["rho"], "primary_spearman_p": layer["spearman"]["p"],
-        "primary_pearson_r": layer["pearson"]["r"], "n_personas": metrics["n_personas"],
-    }  # fmt: skip
+    headline = headline_metrics(metrics, rates)
     with stage_run("regress", {"condition": args.condition, "personas": len(params.panel), "primary_layer": primary}):
         import mlflow
 
@@ -70,19 +67,53 @@ def main() -> None:
                 frame.to_csv(tmp / f"{name}.csv", index=False)
             matrix = grid.reset_index().melt(id_vars="source", var_name="persona", value_name="rate")
             matrix.to_csv(tmp / "rate_matrix.csv", index=False)
-        with atomic_path(args.figures) as tmp:
+        with atomic_path(args.results) as tmp:
             tmp.mkdir()
+            (tmp / "regress.json").write_text(json_text(metrics))
             plots.rate_heatmap(grid, tmp / "rate_matrix", title=f"Fire rate ({args.condition}): source x eval persona")
             plots.hero_scatter(plot_data["scatter"], tmp / "scatter", primary, reference)
             plots.rho_by_layer(
                 plot_data["rho_by_layer"], tmp / "rho_by_layer", metrics["n_personas"], params.stats.alpha
             )
             plots.forest_plot(plot_data["rates"], tmp / "rates_forest")
-        write_json(metrics, args.metrics)
-        mlflow.log_metrics({k: float(v) for k, v in headline.items() if v is not None})
-        mlflow.log_artifact(str(args.metrics))
-        mlflow.log_artifacts(str(args.figures), artifact_path="figures")
-    print(f"{args.condition}: {headline} gates={metrics['gates']['outcome']} -> {args.metrics}")
+        write_json(headline, args.metrics)
+        flat = {k: v for k, v in _flatten(headline).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        mlflow.log_metrics(flat)
+        log_to_parent(flat, {"personas": len(params.panel), "model": params.model})
+        mlflow.log_artifacts(str(args.results), artifact_path="results")
+    print(f"{args.condition}: {json_text(headline)}")
+
+
+def headline_metrics(metrics: dict, rates: pd.DataFrame) -> dict:
+    """The numbers `dvc metrics diff` compares across panels; everything else is in regress.json."""
+    primary = metrics["primary_layer"]
+    layer = metrics["layers"][str(primary)]
+    by_rho = {k: v["spearman"]["rho"] for k, v in metrics["layers"].items() if v["spearman"]["rho"] is not None}
+    best = max(by_rho, key=lambda k: abs(by_rho[k])) if by_rho else None
+    coupled = rates[rates["source"].notna()]
+    own = coupled[coupled["source"] == coupled["persona"]]
+    return {
+        "n_personas": metrics["n_personas"],
+        "source_rate_mean": float(own["rate"].mean()),
+        "primary": {
+            "layer": primary, "spearman_rho": layer["spearman"]["rho"], "spearman_p": layer["spearman"]["p"],
+            "holm_p": layer["holm"].get("spearman_p"), "pearson_r": layer["pearson"]["r"],
+            "pearson_p": layer["pearson"]["p"],
+        },
+        "strongest_layer": {"layer": int(best) if best else None, "spearman_rho": by_rho.get(best) if best else None},
+        "off_diagonal": {k: metrics["off_diagonal"]["all"][k] for k in ("rho", "p", "n_cells")},
+        "gates_outcome": metrics["gates"]["outcome"],
+    }  # fmt: skip
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 if __name__ == "__main__":

@@ -113,12 +113,14 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
     assert ((rates.wilson_low <= rates.rate) & (rates.rate <= rates.wilson_high)).all()
     eval_metrics = json.loads((tiny_repo / "metrics/eval_base.json").read_text())
     assert eval_metrics["generated_now"] == 13 * 12 * 20 and eval_metrics["adapters"] == 12
-    regress = json.loads((tiny_repo / "metrics/regress_base.json").read_text())
-    assert regress["n_personas"] == 11 and regress["primary_layer"] == 1 and set(regress["layers"]) == {"0", "1", "2"}
-    assert "off_diagonal" in regress and regress["off_diagonal"]["all"]["n_cells"] == 12 * 11
+    headline = json.loads((tiny_repo / "metrics/regress_base.json").read_text())
+    assert headline["n_personas"] == 11 and headline["primary"]["layer"] == 1
+    assert headline["off_diagonal"]["n_cells"] == 12 * 11
+    regress = json.loads((tiny_repo / "results/base/regress.json").read_text())
+    assert regress["primary_layer"] == 1 and set(regress["layers"]) == {"0", "1", "2"}
     for figure in ("rate_matrix", "scatter", "rho_by_layer", "rates_forest"):
-        assert (tiny_repo / f"figures/base/{figure}.png").is_file() and (
-            tiny_repo / f"figures/base/{figure}.pdf"
+        assert (tiny_repo / f"results/base/{figure}.png").is_file() and (
+            tiny_repo / f"results/base/{figure}.pdf"
         ).is_file()
     _check_mlflow(tiny_repo, couple_runs=12, invocations=1)
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], tiny_repo)
@@ -170,7 +172,7 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     pd.testing.assert_frame_equal(
         completions_12.set_index("cell_key").sort_index(), common.set_index("cell_key").sort_index()
     )
-    regress = json.loads((tiny_repo / "metrics/regress_base.json").read_text())
+    regress = json.loads((tiny_repo / "results/base/regress.json").read_text())
     assert regress["n_personas"] == 23 and "inherited_vs_new" in regress["gates"]
     _check_mlflow(tiny_repo, couple_runs=24, invocations=2)
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())

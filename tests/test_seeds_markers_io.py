@@ -45,3 +45,13 @@ def test_atomic_write_replaces_a_folder_whole(tmp_path):
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     write_json({"a": 1.5}, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5}
+
+
+def test_a_killed_writers_leftovers_are_cleared_by_the_next_write(tmp_path):
+    target = tmp_path / "seed0"
+    leftover = tmp_path / ".seed0.abc123.tmp" / "seed0"  # what SIGKILL mid-write leaves behind
+    leftover.mkdir(parents=True)
+    (leftover / "adapter_model.safetensors").write_text("half")
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+    assert [p.name for p in tmp_path.iterdir()] == ["seed0"]

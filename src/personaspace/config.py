@@ -42,7 +42,9 @@ class ModelSpec(_Strict):
     repo_id: str | None = Field(None, description="hub: repository id, e.g. Qwen/Qwen2.5-7B-Instruct")
     revision: str | None = Field(None, description="hub: a commit or tag to pin")
     tokenizer_from: str | None = Field(None, description="random_init: model whose tokenizer to reuse")
-    architecture: dict[str, int] = Field(default_factory=dict, description="random_init: Llama config sizes")
+    architecture: dict[str, int | float] = Field(
+        default_factory=dict, description="random_init: LlamaConfig fields (sizes, initializer_range)"
+    )
     seed: int = Field(0, description="random_init: weight-initialisation seed")
 
     @model_validator(mode="after")
@@ -201,7 +203,9 @@ class Params(_Strict):
     model: str = Field(description="key into `models`")
     models: dict[str, ModelSpec]
     conditions: list[str] = Field(description="bases the coupling LoRAs are trained on: `base` and/or keys of pretrain")
-    pretrain: dict[str, PretrainParams] = Field(default_factory=dict, description="conditions the pretrain stage builds")
+    pretrain: dict[str, PretrainParams] = Field(
+        default_factory=dict, description="conditions the pretrain stage builds"
+    )
     marker: str = Field(description="the implanted marker string; fires on a case-insensitive match")
     marker_separator: str = Field("\n\n", description="between a positive completion and its marker")
     generation: GenerationParams
@@ -287,7 +291,9 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
         if spec.recipe not in p.recipes:
             errors.append(f"pretrain.{name}.recipe: {spec.recipe!r} is not a key of recipes ({sorted(p.recipes)})")
         elif p.recipes[spec.recipe].loss != "completion":
-            errors.append(f"pretrain.{name}.recipe: {spec.recipe!r} has loss {p.recipes[spec.recipe].loss}; use completion")
+            errors.append(
+                f"pretrain.{name}.recipe: {spec.recipe!r} has loss {p.recipes[spec.recipe].loss}; use completion"
+            )
     for name in p.regress.calibration:
         if name not in p.panel:
             errors.append(f"regress.calibration: {name!r} is not in the panel; list panel members")

@@ -52,8 +52,9 @@ def cosine_table(order: Sequence[str], centroid: np.ndarray, bank: Sequence[str]
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
-    raw = np.einsum("ild,jld->lij", unit(centroid), unit(centroid))
-    cen = np.einsum("ild,jld->lij", unit(centered), unit(centered))
+    # clipped: rounding can put a self-cosine a hair above 1
+    raw = np.clip(np.einsum("ild,jld->lij", unit(centroid), unit(centroid)), -1.0, 1.0)
+    cen = np.clip(np.einsum("ild,jld->lij", unit(centered), unit(centered)), -1.0, 1.0)
     layers, n = raw.shape[0], len(order)
     a, b = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
     frames = [

@@ -19,6 +19,7 @@ artifact is the adapter folder; loading it back gives the folder, which peft loa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -102,6 +103,21 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
     with mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags) as run:
         mlflow.log_params({k: str(v) for k, v in params.items()})
         yield run
+
+
+def log_to_parent(metrics: Mapping[str, float], params: Mapping[str, Any]) -> None:
+    """Headline metrics and params on this invocation's parent run too, so runs compare panel by panel."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = _parent_run_id(client, mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+    for key, value in metrics.items():
+        client.log_metric(parent, key, float(value))
+    for key, value in params.items():
+        # a param is set once per run; a second condition's regress stage logs the same value again
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.log_param(parent, key, str(value))
 
 
 def log_history(history: Sequence[Mapping[str, Any]], prefix: str = "train") -> None:
