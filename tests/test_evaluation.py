@@ -54,3 +54,13 @@ def test_rate_matrix_has_n_and_wilson_intervals():
         ("a", "x"), "wilson_high"
     ] == pytest.approx(high)
     assert matrix.loc[("b", "y"), "rate"] == 1.0
+
+
+def test_fingerprint_follows_the_weights_not_the_training_record(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    (tmp_path / "training.json").write_text('{"seconds": 1.0}')
+    before = fingerprint_dir(tmp_path)
+    (tmp_path / "training.json").write_text('{"seconds": 2.0}')
+    assert fingerprint_dir(tmp_path) == before
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"other")
+    assert fingerprint_dir(tmp_path) != before

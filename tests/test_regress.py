@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from personaspace.io import json_text
 from personaspace.regress import RegressSettings, TableError, regress_table, validate_table
 from personaspace.stats.gates import (
     GateThresholds,
@@ -92,6 +93,15 @@ def test_a_constant_cosine_layer_gives_nulls_with_reasons_not_a_crash():
     assert layer["pearson"]["r"] is None and layer["pearson"]["r_reason"] == "one variable is constant"
     assert layer["cooks_distance"] is None and "constant" in layer["cooks_distance_reason"]
     assert layer["holm"]["spearman_p"] is None
+
+
+def test_no_source_firing_at_all_gives_json_ready_metrics():
+    """An untrained or failed study (every rate 0): degenerate fits read as undefined, never NaN/inf."""
+    table = pd.read_csv(TABLE)
+    table["fired"] = 0
+    metrics, _ = regress_table(table, _settings())
+    json_text(metrics)  # raises on NaN or inf
+    assert metrics["layers"]["10"]["spearman"]["rho"] is None
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,13 @@ from personaspace.personas import Catalog
 from personaspace.stats import wilson_interval
 
 
-def fingerprint_dir(path: Path) -> str:
-    """sha256 over a folder's file names and contents (a model or an adapter)."""
+def fingerprint_dir(path: Path, ignore: Sequence[str] = ("training.json", "pretrain.json")) -> str:
+    """sha256 over a folder's file names and contents (a model or an adapter), training records left out.
+
+    The records hold wall times; leaving them out keeps a deterministic retrain's cells cached.
+    """
     digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in ignore):
         digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -36,6 +36,7 @@ from personaspace.stats import (
 from personaspace.stats.gates import GateThresholds, gate_outcome, stratified_split, three_gate
 from personaspace.stats.regression import ols_line, prediction_band
 from personaspace.stats.strings import bpe_jaccard, negative_levenshtein, token_jaccard
+from personaspace.stats.undefined import replace_non_finite
 
 REQUIRED_COLUMNS = ("persona", "category", "layer", "cosine", "fired", "n")
 OPTIONAL_COLUMNS = ("prompt_tokens", "prompt", "inherited")
@@ -278,7 +279,21 @@ def regress_table(table: pd.DataFrame, settings: RegressSettings) -> tuple[dict[
     }
     metrics["power"]["n"] = n
     metrics["gates"] = _gates(fit_rows[fit_rows["layer"] == primary], settings)
-    return metrics, _plot_data(fit_rows, metrics, settings, primary)
+    plot_data = _plot_data(fit_rows, metrics, settings, primary)
+    return replace_non_finite(
+        _plain_floats(metrics), "not finite: a degenerate fit (constant rates or cosines)"
+    ), plot_data
+
+
+def _plain_floats(data: Any) -> Any:
+    """numpy scalars -> Python floats/ints/bools, so the non-finite guard sees every number."""
+    if isinstance(data, dict):
+        return {k: _plain_floats(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_plain_floats(v) for v in data]
+    if isinstance(data, np.generic):
+        return data.item()
+    return data
 
 
 def _gates(layer: pd.DataFrame, settings: RegressSettings) -> dict[str, Any]:
