@@ -1,14 +1,15 @@
 """Stage `regress`: geometry vs leakage for one condition (METHODS.md S1) and the study's figures.
 
     python stages/regress.py --condition base --eval data/eval/base --centroids data/centroids/base \
-        --tokenizer models/base --metrics metrics/regress_base.json --plots plots/base --results results/base
+        --tokenizer models/base --metrics metrics/regress_base.json --plots plots/base --results results/base \
+        --figures figures/base
 
 Per layer, the cosine of each source's centroid to the reference persona's (centered over the
 panel) vs the source's own fire rate: the whole statistics suite (personaspace.regress), plus the
 matrix analyses (all N(N-1) off-diagonal cells at the primary layer). Writes the headline numbers
-for `dvc metrics` (--metrics), every statistic in results/<condition>/regress.json, plot data for
-`dvc plots` (scatter, rho by layer, rates, the rate matrix) and the figures as PNG and PDF in
-results/<condition>/: rate-matrix heatmap, cosine-vs-rate scatter, rho by layer, rates forest.
+for `dvc metrics` (--metrics), plot data for `dvc plots` (scatter, rho by layer, rates), every
+statistic, the rate matrix and the PDF figures in --results, and the PNG figures (image plots for
+`dvc plots diff`) in --figures: rate-matrix heatmap, cosine-vs-rate scatter, rho by layer, rates forest.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="model folder (prompt lengths, BPE baseline)")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="folder for plot data (CSV)")
-    parser.add_argument("--results", type=Path, required=True, help="folder for all statistics and the figures")
+    parser.add_argument("--results", type=Path, required=True, help="folder for all statistics and the PDF figures")
+    parser.add_argument("--figures", type=Path, required=True, help="folder for the PNG figures")
     args = parser.parse_args()
     params = load_params(args.params)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -65,22 +67,28 @@ def main() -> None:
             tmp.mkdir()
             for name, frame in plot_data.items():
                 frame.to_csv(tmp / f"{name}.csv", index=False)
-            matrix = grid.reset_index().melt(id_vars="source", var_name="persona", value_name="rate")
-            matrix.to_csv(tmp / "rate_matrix.csv", index=False)
-        with atomic_path(args.results) as tmp:
-            tmp.mkdir()
-            (tmp / "regress.json").write_text(json_text(metrics))
-            plots.rate_heatmap(grid, tmp / "rate_matrix", title=f"Fire rate ({args.condition}): source x eval persona")
-            plots.hero_scatter(plot_data["scatter"], tmp / "scatter", primary, reference)
-            plots.rho_by_layer(
-                plot_data["rho_by_layer"], tmp / "rho_by_layer", metrics["n_personas"], params.stats.alpha
-            )
-            plots.forest_plot(plot_data["rates"], tmp / "rates_forest")
+        with atomic_path(args.results) as results, atomic_path(args.figures) as figures:
+            results.mkdir()
+            figures.mkdir()
+            (results / "regress.json").write_text(json_text(metrics))
+            grid.to_csv(results / "rate_matrix.csv")
+            title = f"Fire rate ({args.condition}): source x eval persona"
+            drawn = [
+                *plots.rate_heatmap(grid, results / "rate_matrix", title=title),
+                *plots.hero_scatter(plot_data["scatter"], results / "scatter", primary, reference),
+                *plots.rho_by_layer(plot_data["rho_by_layer"], results / "rho_by_layer", metrics["n_personas"],
+                                    params.stats.alpha),
+                *plots.forest_plot(plot_data["rates"], results / "rates_forest"),
+            ]  # fmt: skip
+            for path in drawn:
+                if path.suffix == ".png":
+                    path.rename(figures / path.name)
         write_json(headline, args.metrics)
         flat = {k: v for k, v in _flatten(headline).items() if isinstance(v, int | float) and not isinstance(v, bool)}
         mlflow.log_metrics(flat)
         log_to_parent(flat, {"personas": len(params.panel), "model": params.model})
         mlflow.log_artifacts(str(args.results), artifact_path="results")
+        mlflow.log_artifacts(str(args.figures), artifact_path="figures")
     print(f"{args.condition}: {json_text(headline)}")
 
 

@@ -119,7 +119,7 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
     regress = json.loads((tiny_repo / "results/base/regress.json").read_text())
     assert regress["primary_layer"] == 1 and set(regress["layers"]) == {"0", "1", "2"}
     for figure in ("rate_matrix", "scatter", "rho_by_layer", "rates_forest"):
-        assert (tiny_repo / f"results/base/{figure}.png").is_file() and (
+        assert (tiny_repo / f"figures/base/{figure}.png").is_file() and (
             tiny_repo / f"results/base/{figure}.pdf"
         ).is_file()
     _check_mlflow(tiny_repo, couple_runs=12, invocations=1)
