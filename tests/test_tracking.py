@@ -18,6 +18,9 @@ def test_tracking_uri_prefers_the_env_then_the_dvc_root(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    # `dvc queue start` runs experiments in a copy under .dvc/tmp/exps: still the repo's database
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "tmpk2j4"))
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
 
 
 @pytest.mark.slow

@@ -35,6 +35,12 @@ def tracking_uri() -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        # a queued experiment runs in <repo>/.dvc/tmp/exps/<tmp>/: log to the repo's database, not the copy's
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            root = Path(*parts[:i])
+            break
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
