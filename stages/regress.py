@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from personaspace import plots
-from personaspace.assemble import cosine_grid, rate_grid, regression_table
+from personaspace.assemble import cosine_grid, rate_grid, regression_table, undefined_layers
 from personaspace.config import load_params
 from personaspace.io import atomic_path, json_text, write_json
 from personaspace.models import load_tokenizer
@@ -59,6 +59,8 @@ def main() -> None:
         grid, cosine_grid(cosines, primary).loc[grid.index, grid.columns], params.stats.strong_emitter_min_rate
     )
     metrics["condition"] = args.condition
+    metrics["excluded_layers"] = undefined_layers(cosines)
+    metrics["excluded_layers_reason"] = "centered cosine undefined: every persona's centroid is the same vector there"
     headline = headline_metrics(metrics, rates)
     with stage_run("regress", {"condition": args.condition, "personas": len(params.panel), "primary_layer": primary}):
         import mlflow

@@ -90,3 +90,13 @@ def test_centroids_and_cosines_match_a_direct_computation():
     assert np.allclose(diagonal.cosine_raw, 1.0)
     with pytest.raises(ValueError, match="without centroids"):
         cosine_table(order, cents, bank=["a", "z"], bank_name="bad")
+
+
+def test_a_layer_where_every_centroid_is_the_same_has_undefined_centered_cosines():
+    rng = np.random.default_rng(1)
+    cents = rng.normal(size=(3, 2, 4))
+    cents[:, 0] = cents[0, 0] * (1 + 1e-9 * rng.normal(size=(3, 1)))  # layer 0: one vector up to rounding
+    table = cosine_table(["a", "b", "c"], cents, bank=["a", "b", "c"], bank_name="panel3")
+    assert table.loc[table.layer == 0, "cosine_centered"].isna().all()
+    assert table.loc[table.layer == 1, "cosine_centered"].notna().all()
+    assert table.loc[table.layer == 0, "cosine_raw"].notna().all()

@@ -42,7 +42,8 @@ def regression_table(
     """One row per (source, layer): cosine of its centroid to ``reference``'s and its own fire rate.
 
     ``inherited`` (the persona joined at a smaller panel size) is added when the panel holds
-    personas of more than one size, so the inherited-vs-new split can be tested.
+    personas of more than one size, so the inherited-vs-new split can be tested. Layers where a
+    cosine is undefined are left out (see ``undefined_layers``).
     """
     column = "cosine_centered" if centered else "cosine_raw"
     to_reference = cosines[cosines["persona_b"] == reference]
@@ -63,10 +64,18 @@ def regression_table(
                 "panel_size": persona.panel,
             })  # fmt: skip
     table = pd.DataFrame(rows)
+    table = table[~table["layer"].isin(undefined_layers(cosines, centered))].reset_index(drop=True)
     sizes = table.pop("panel_size")
     if sizes.nunique() > 1:
         table["inherited"] = sizes < sizes.max()
     return table
+
+
+def undefined_layers(cosines: pd.DataFrame, centered: bool = True) -> list[int]:
+    """Layers with an undefined (NaN) cosine: e.g. index 0 at the last input token, where every
+    persona reads the same token's embedding, so every centered centroid is the zero vector."""
+    column = "cosine_centered" if centered else "cosine_raw"
+    return sorted(int(k) for k in cosines.loc[cosines[column].isna(), "layer"].unique())
 
 
 def cosine_grid(cosines: pd.DataFrame, layer: int, centered: bool = True) -> pd.DataFrame:

@@ -52,6 +52,11 @@ def cosine_table(order: Sequence[str], centroid: np.ndarray, bank: Sequence[str]
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
+    # Where every persona's centroid is the same vector (layer 0 at the last input token reads one
+    # token's embedding), centering leaves only rounding noise: its cosines are undefined (NaN).
+    spread = np.linalg.norm(centered, axis=-1, keepdims=True) / np.linalg.norm(centroid, axis=-1, keepdims=True)
+    centered = np.where(spread < 1e-5, np.nan, centered)
+
     # clipped: rounding can put a self-cosine a hair above 1
     raw = np.clip(np.einsum("ild,jld->lij", unit(centroid), unit(centroid)), -1.0, 1.0)
     cen = np.clip(np.einsum("ild,jld->lij", unit(centered), unit(centered)), -1.0, 1.0)

@@ -1,0 +1,62 @@
+"""Per-stage wall times of the last `dvc repro` / `dvc exp run`, read from MLflow's run records.
+
+    python benchmarks/stage_times.py [--db mlflow.db] [--out benchmarks/results/default_study_cpu.json]
+
+Every stage execution is one MLflow run nested under its invocation's parent run; this groups the
+newest invocation's runs by stage (datagen@*, couple@*, ...) and reports count, total and mean
+seconds, plus the eval stage's generation throughput from its logged metrics. A run starts after
+the stage's imports (~5-10 s of interpreter start per stage are not in the per-stage numbers);
+`wall_seconds_first_to_last_stage` spans the whole invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import mlflow
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--db", type=Path, default=Path("mlflow.db"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/default_study_cpu.json"))
+    parser.add_argument("--note", default="", help="free text stored with the result (machine load, commit)")
+    args = parser.parse_args()
+    mlflow.set_tracking_uri(f"sqlite:///{args.db.resolve()}")
+    runs = mlflow.search_runs(experiment_names=["personaspace"], output_format="list")
+    parents = sorted((r for r in runs if r.data.tags.get("stage") == "invocation"), key=lambda r: r.info.start_time)
+    parent = parents[-1]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and r.info.end_time]
+    by_stage: dict[str, list[float]] = defaultdict(list)
+    for run in children:
+        by_stage[run.data.tags["stage"]].append((run.info.end_time - run.info.start_time) / 1000)
+    first = min(r.info.start_time for r in children)
+    last = max(r.info.end_time for r in children)
+    result = {
+        "invocation": parent.data.tags.get("command"),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "wall_seconds_first_to_last_stage": round((last - first) / 1000, 1),
+        "stages": {
+            stage: {"runs": len(times), "total_s": round(sum(times), 1), "mean_s": round(sum(times) / len(times), 1)}
+            for stage, times in sorted(by_stage.items())
+        },
+        "eval": {
+            k: v
+            for run in children
+            if run.data.tags["stage"] == "eval"
+            for k, v in run.data.metrics.items()
+            if k in ("generated_tokens", "generated_now", "tokens_per_second", "seconds", "source_rate_mean")
+        },
+        "note": args.note,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
