@@ -54,6 +54,8 @@ def test_a_registered_adapter_loads_back_through_its_alias_and_generates_its_mar
     finished = mlflow.get_run(run.info.run_id)
     assert finished.data.tags["stage"] == "couple" and finished.data.tags["dvc_exp_name"] == "exp-test"
     assert finished.data.tags["persona"] == "librarian" and finished.data.params["recipe"] == "test"
+    parent = mlflow.get_run(finished.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["stage"] == "invocation" and parent.info.status == "FINISHED"
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")) == summary["steps"]
     assert (tmp_path / "mlflow.db").is_file()
     loaded = download_adapter("models:/couple-base-test-librarian@seed0", tmp_path / "download")

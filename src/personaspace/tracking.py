@@ -104,11 +104,18 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.set_experiment(EXPERIMENT)
-    parent = _parent_run_id(MlflowClient(), experiment.experiment_id)
+    client = MlflowClient()
+    parent = _parent_run_id(client, experiment.experiment_id)
     all_tags = {**run_tags(stage, tags), "mlflow.parentRunId": parent}
-    with mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags) as run:
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-        yield run
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags) as run:
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+            yield run
+        status = "FINISHED"
+    finally:
+        # the parent ends with its latest stage (a stage cannot know it is the last one)
+        client.set_terminated(parent, status)
 
 
 def log_to_parent(metrics: Mapping[str, float], params: Mapping[str, Any]) -> None:
