@@ -1,9 +1,11 @@
 """Coupling LoRAs: loss labels built in the dataset, and a real TRL + peft run on the tiny model."""
 
 import json
+import os
 
 import pandas as pd
 import pytest
+import yaml
 
 from personaspace.models import load_tokenizer, render_prompt
 from personaspace.train import IGNORE, LoraRecipe, tokenize_marker_dataset, train_adapter
@@ -90,13 +92,17 @@ def test_couple_stage_writes_an_adapter_and_its_training_record(tiny_model_dir, 
     data = tmp_path / "librarian.parquet"
     _rows().to_parquet(data)
     out = tmp_path / "adapter"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (tmp_path / "runs").mkdir()
     result = subprocess.run(
         [sys.executable, str(REPO / "stages" / "couple.py"), "--params", str(REPO / "params.yaml"), "--recipe", "smol",
          "--seed", "0", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "training.json").read_text())
     assert (record["source"], record["recipe"], record["positives"], record["negatives"]) == ("librarian", "smol", 1, 2)
-    assert record["steps"] == 3 and len(record["history"]) == 3  # 3 rows, batch 8, 3 epochs
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "librarian.parquet"]  # no trainer leftovers
+    epochs = yaml.safe_load((REPO / "params.yaml").read_text())["recipes"]["smol"]["epochs"]
+    assert record["steps"] == epochs and len(record["history"]) == epochs  # 3 rows, batch 8: one step per epoch
+    # no trainer leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "librarian.parquet", "runs"]
