@@ -78,7 +78,7 @@ def main() -> None:
     start = time.perf_counter()
     tables, generated = [], 0
     run_params = {"condition": args.condition, "recipe": recipe, "personas": len(params.panel), **ev.model_dump()}
-    with stage_run("eval", run_params, tags={"condition": args.condition}) as _:
+    with stage_run("eval", run_params, tags={"condition": args.condition}):
         jobs = [(BASELINE, (None, None, None)), *adapters.items()]
         for name, (source, seed, path) in tqdm(jobs, desc="eval adapters", unit="adapter"):
             model = base if path is None else merged_copy(base, path)
@@ -96,8 +96,7 @@ def main() -> None:
             del model, generator
         completions = pd.concat(tables, ignore_index=True)
         rates = rate_matrix(completions, params.stats.ci_level)
-        sources = completions.drop_duplicates("adapter").set_index("adapter")["source"]
-        rates.insert(1, "source", rates["adapter"].map(sources))
+        rates.insert(1, "source", rates["adapter"].map({name: source for name, (source, _, _) in adapters.items()}))
         seconds = time.perf_counter() - start
         new_tokens = int(completions.loc[~completions["cell_key"].isin(done_before), "n_tokens"].sum())
         summary = summarise(rates) | {

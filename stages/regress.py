@@ -15,12 +15,13 @@ statistic, the rate matrix and the PDF figures in --results, and the PNG figures
 from __future__ import annotations
 
 import argparse
+from numbers import Real
 from pathlib import Path
 
 import pandas as pd
 
 from personaspace import plots
-from personaspace.assemble import cosine_grid, rate_grid, regression_table, undefined_layers
+from personaspace.assemble import cosine_grid, own_rates, rate_grid, regression_table, undefined_layers
 from personaspace.config import load_params
 from personaspace.io import atomic_path, json_text, write_json
 from personaspace.models import load_tokenizer
@@ -86,7 +87,8 @@ def main() -> None:
                 if path.suffix == ".png":
                     path.rename(figures / path.name)
         write_json(headline, args.metrics)
-        flat = {k: v for k, v in _flatten(headline).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        flat = pd.json_normalize(headline).iloc[0].to_dict()
+        flat = {k: v for k, v in flat.items() if isinstance(v, Real) and not isinstance(v, bool) and v == v}
         mlflow.log_metrics(flat)
         log_to_parent(flat, {"personas": len(params.panel), "model": params.model})
         mlflow.log_artifacts(str(args.results), artifact_path="results")
@@ -100,11 +102,10 @@ def headline_metrics(metrics: dict, rates: pd.DataFrame) -> dict:
     layer = metrics["layers"][str(primary)]
     by_rho = {k: v["spearman"]["rho"] for k, v in metrics["layers"].items() if v["spearman"]["rho"] is not None}
     best = max(by_rho, key=lambda k: abs(by_rho[k])) if by_rho else None
-    coupled = rates[rates["source"].notna()]
-    own = coupled[coupled["source"] == coupled["persona"]]
+    own = own_rates(rates)
     return {
         "n_personas": metrics["n_personas"],
-        "source_rate_mean": float(own["rate"].mean()),
+        "source_rate_mean": float((own["fired"] / own["n"]).mean()),
         "primary": {
             "layer": primary, "spearman_rho": layer["spearman"]["rho"], "spearman_p": layer["spearman"]["p"],
             "holm_p": layer["holm"].get("spearman_p"), "pearson_r": layer["pearson"]["r"],
@@ -114,17 +115,3 @@ def headline_metrics(metrics: dict, rates: pd.DataFrame) -> dict:
         "off_diagonal": {k: metrics["off_diagonal"]["all"][k] for k in ("rho", "p", "n_cells")},
         "gates_outcome": metrics["gates"]["outcome"],
     }  # fmt: skip
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-if __name__ == "__main__":
-    main()

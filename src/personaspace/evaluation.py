@@ -48,22 +48,34 @@ def cell_key(row: dict, sampling: Sampling, fingerprint: str) -> str:
 
 
 class CellStore:
-    """A folder of parquet chunks of finished cells (completion columns + ``cell_key``)."""
+    """A folder of parquet chunks of finished cells (completion columns + ``cell_key``).
+
+    The folder is read once per store; ``add`` writes a chunk and extends the in-memory table, so
+    evaluating N adapters reads the chunks once, not N times.
+    """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._table: pd.DataFrame | None = None
 
     def load(self) -> pd.DataFrame:
-        chunks = sorted(self.folder.glob("*.parquet")) if self.folder.is_dir() else []
-        if not chunks:
-            return pd.DataFrame(columns=[*COMPLETION_COLUMNS, "cell_key"])
-        return pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True).drop_duplicates("cell_key")
+        if self._table is None:
+            chunks = sorted(self.folder.glob("*.parquet")) if self.folder.is_dir() else []
+            self._table = (
+                pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True).drop_duplicates("cell_key")
+                if chunks
+                else pd.DataFrame(columns=[*COMPLETION_COLUMNS, "cell_key"])
+            )
+        return self._table
 
     def add(self, table: pd.DataFrame) -> None:
         if table.empty:
             return
         name = hashlib.sha256("".join(sorted(table["cell_key"])).encode()).hexdigest()[:16]
         write_parquet(table, self.folder / f"{name}.parquet")
+        if self._table is not None:
+            parts = [part for part in (self._table, table) if not part.empty]
+            self._table = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key")
 
 
 def evaluate_cells(
