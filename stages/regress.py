@@ -115,3 +115,7 @@ def headline_metrics(metrics: dict, rates: pd.DataFrame) -> dict:
         "off_diagonal": {k: metrics["off_diagonal"]["all"][k] for k in ("rho", "p", "n_cells")},
         "gates_outcome": metrics["gates"]["outcome"],
     }  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
