@@ -11,6 +11,7 @@ from personaspace.generate import (
     Sampling,
     counter_uniforms,
     load_generator,
+    sample_nucleus,
     sample_rows,
     top_p_filter,
 )
@@ -111,3 +112,43 @@ def test_top_p_filter_keeps_the_same_tokens_as_transformers_warper(scale, top_p)
     got = top_p_filter(scores, top_p, candidates=64)
     assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
     assert torch.equal(got[torch.isfinite(got)], scores[torch.isfinite(got)])
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 3.0, 10.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.95, 1.0])
+def test_sparse_nucleus_sampling_draws_what_the_dense_filter_and_sampler_draw(scale, top_p):
+    import torch
+
+    torch.manual_seed(1)
+    scores = torch.randn(32, 5000) * scale  # flat rows (small scale) take the dense fallback
+    seeds = torch.arange(100, 132, dtype=torch.int64)
+    for step in range(3):
+        dense = sample_rows(top_p_filter(scores, top_p, candidates=64), seeds, step)
+        assert torch.equal(sample_nucleus(scores, top_p, seeds, step, candidates=64), dense)
+
+
+def test_a_shared_system_prompt_is_run_once_and_gives_each_prompts_own_logits(tiny):
+    """The two-pass prefill (shared prefix once, then each rest on its cache) equals whole prompts run alone."""
+    from personaspace.models import render_prompt
+
+    questions = ["Hi", "How do I boil an egg, step by step?", "Why is the sky blue?"]
+    requests = [ChatRequest("You are a librarian.", q, seed=i) for i, q in enumerate(questions)]
+    requests.append(ChatRequest(None, "Hello there", seed=9))
+    tokenizer, model = tiny.tokenizer, tiny.model
+    prompts = [render_prompt(tokenizer, r.system, r.user) for r in requests]
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    calls = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        with torch.inference_mode():
+            out, _, _, _ = tiny._prefill(ids, [r.system for r in requests])
+            alone = [model(input_ids=torch.tensor([row])).logits[0, -1] for row in ids]
+    finally:
+        hook.remove()
+    shared = next(n for n, column in enumerate(zip(*ids[:3], strict=False)) if len(set(column)) > 1)
+    assert calls[0] == (2, max(shared, len(ids[3]) - 1))  # one row per distinct system prompt
+    assert calls[1][1] == max(len(row) for row in ids[:3]) - shared  # the longest rest; padding masked
+    for row, expected in enumerate(alone):
+        assert torch.allclose(out.logits[row, -1], expected, rtol=1e-4, atol=1e-4)
