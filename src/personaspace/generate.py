@@ -154,15 +154,17 @@ def sample_nucleus(
         return sample_rows(scores, seeds, step)
     probs = scores.softmax(-1)
     top_probs, top_ids = probs.topk(min(candidates, scores.shape[-1]), dim=-1)
+    wide = top_probs.sum(-1) < top_p
+    if wide.all():  # flat rows everywhere (e.g. random weights): nothing to gain from the candidates
+        return sample_rows(top_p_filter(scores, top_p, candidates), seeds, step)
     keep = (top_probs.cumsum(-1) - top_probs) < top_p
     keep[:, 0] = True
     seeds = seeds.to(scores.device)
     noisy = scores.gather(1, top_ids).double() - torch.log(-torch.log(_uniform_at(seeds[:, None], step, top_ids)))
     noisy = noisy.masked_fill(~keep, float("-inf"))
     chosen = top_ids.gather(1, noisy.argmax(-1, keepdim=True)).squeeze(1)
-    wide = top_probs.sum(-1) < top_p
     if wide.any():
-        chosen[wide] = sample_rows(top_p_filter(scores[wide], top_p), seeds[wide], step)
+        chosen[wide] = sample_rows(top_p_filter(scores[wide], top_p, candidates), seeds[wide], step)
     return chosen
 
 
