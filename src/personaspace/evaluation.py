@@ -125,10 +125,15 @@ def merged_copy(base: Any, adapter: Path) -> Any:
     every adapter's completions independent of which adapters were evaluated before it.
     """
     import copy
+    import warnings
 
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every load: one
+        # FutureWarning per adapter that says nothing about this study.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
 
 
 def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:
