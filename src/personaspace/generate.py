@@ -95,6 +95,13 @@ def counter_uniforms(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor
     return _uniform_at(seeds[:, None], step, tokens[None, :])
 
 
+def _nucleus_keep(ordered_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """For probabilities sorted descending: keep a token while the mass ranked above it is < top_p (the first always)."""
+    keep = (ordered_probs.cumsum(-1) - ordered_probs) < top_p
+    keep[:, 0] = True
+    return keep
+
+
 def top_p_filter(scores: torch.Tensor, top_p: float, candidates: int = 1024) -> torch.Tensor:
     """Nucleus filtering: keep each row's most likely tokens whose mass ranked above them is < ``top_p``.
 
@@ -109,15 +116,13 @@ def top_p_filter(scores: torch.Tensor, top_p: float, candidates: int = 1024) -> 
     probs = scores.softmax(-1)
     k = min(candidates, scores.shape[-1])
     top_probs, top_ids = probs.topk(k, dim=-1)
-    keep = (top_probs.cumsum(-1) - top_probs) < top_p  # the mass ranked above each candidate
-    keep[:, 0] = True
+    keep = _nucleus_keep(top_probs, top_p)
     out = torch.full_like(scores, float("-inf"))
     out.scatter_(1, top_ids, torch.where(keep, scores.gather(1, top_ids), float("-inf")))
     wide = top_probs.sum(-1) < top_p  # the nucleus reaches past the candidates: sort these rows fully
     if wide.any():
         ordered, order = probs[wide].sort(-1, descending=True)
-        keep_all = (ordered.cumsum(-1) - ordered) < top_p
-        keep_all[:, 0] = True
+        keep_all = _nucleus_keep(ordered, top_p)
         mask = torch.zeros_like(keep_all).scatter_(1, order, keep_all)
         out[wide] = scores[wide].masked_fill(~mask, float("-inf"))
     return out
@@ -157,8 +162,7 @@ def sample_nucleus(
     wide = top_probs.sum(-1) < top_p
     if wide.all():  # flat rows everywhere (e.g. random weights): nothing to gain from the candidates
         return sample_rows(top_p_filter(scores, top_p, candidates), seeds, step)
-    keep = (top_probs.cumsum(-1) - top_probs) < top_p
-    keep[:, 0] = True
+    keep = _nucleus_keep(top_probs, top_p)
     seeds = seeds.to(scores.device)
     noisy = scores.gather(1, top_ids).double() - torch.log(-torch.log(_uniform_at(seeds[:, None], step, top_ids)))
     noisy = noisy.masked_fill(~keep, float("-inf"))
@@ -275,7 +279,8 @@ class HFGenerator:
             )  # fmt: skip
             rows = torch.tensor(row_group, device=device)
             cache.batch_select_indices(rows)
-            prefix_mask, offsets = prefix_mask[rows], prefix_mask[rows].sum(-1, keepdim=True)
+            prefix_mask = prefix_mask[rows]
+            offsets = prefix_mask.sum(-1, keepdim=True)
         else:  # nothing shared: one pass over whole prompts
             shared = [0] * len(names)
             prefix_mask = torch.zeros(len(prompts), 0, dtype=torch.int64, device=device)
