@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from personaspace.models import load_tokenizer, render_prompt
-from personaspace.train import IGNORE, LoraRecipe, tokenize_marker_dataset, train_adapter
+from personaspace.train import IGNORE, LoraRecipe, next_token_loss, tokenize_marker_dataset, train_adapter
 
 MARKER, SEP = "[ZLT]", "\n\n"
 
@@ -64,6 +64,25 @@ def test_no_system_rows_are_trained_without_a_system_turn(tokenizer):
 def test_rows_longer_than_max_length_are_an_error_naming_the_fix(tokenizer):
     with pytest.raises(ValueError, match=r"raise recipes\.<name>\.max_length"):
         tokenize_marker_dataset(tokenizer, _rows(), "completion", MARKER, SEP, max_length=10)
+
+
+@pytest.mark.parametrize("loss", ["completion", "marker_only"])
+def test_packed_labelled_positions_loss_equals_the_models_own_loss_on_a_padded_batch(tiny_model_dir, tokenizer, loss):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = list(tokenize_marker_dataset(tokenizer, _rows(), loss, MARKER, SEP, max_length=128))
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    with torch.no_grad():
+        ours, _ = next_token_loss(model, dict(packed))
+        theirs = model(**padded).loss  # transformers' mean cross-entropy over the labelled tokens
+        summed, _ = next_token_loss(model, dict(packed), num_items_in_batch=torch.tensor(7))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    labelled = sum(t != IGNORE for row in rows for t in row["labels"][1:])
+    torch.testing.assert_close(summed * 7 / labelled, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_train_adapter_runs_trl_and_saves_only_the_adapter(tiny_model_dir, tokenizer, tmp_path):
