@@ -124,26 +124,23 @@ def next_token_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any 
     return F.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum") / count, outputs
 
 
-def _trainer_class() -> type:
+def _cpu_trainer_class() -> type:
     from trl import SFTTrainer
 
-    class LabelledPositionsSFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss, on CPU, projects only the labelled positions (``next_token_loss``).
+    class NextTokenLossSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss is ``next_token_loss`` (packed batches, labelled positions only).
 
         Without Triton (CPU), TRL's fused LM head scores every position and folds each
-        [tokens, vocab] tile through several torch passes: with it, a coupling adapter of the
-        default study trained in 1.6-1.9x the time on this CPU (benchmarks/results/couple_training_cpu.json).
-        On a GPU its Triton kernel scores only labelled positions and is kept: the two losses agree
-        there to <= 0.0035 over 12 bf16 steps (benchmarks/results/couple_trainer_h100.json).
+        [tokens, vocab] tile through several torch passes: with it and padded batches, a coupling
+        adapter of the default study trained in 1.6-1.9x the time on this CPU
+        (benchmarks/results/couple_training_cpu.json).
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-            if inputs["input_ids"].device.type != "cpu":
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, outputs = next_token_loss(model, inputs, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
-    return LabelledPositionsSFTTrainer
+    return NextTokenLossSFTTrainer
 
 
 def train_adapter(
@@ -158,7 +155,7 @@ def train_adapter(
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig
+    from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(seed)
     use_gpu = torch.cuda.is_available()
@@ -177,10 +174,11 @@ def train_adapter(
         num_train_epochs=recipe.epochs,
         per_device_train_batch_size=recipe.batch_size,
         gradient_accumulation_steps=recipe.grad_accum,
-        # Rows are packed into one sequence with position_ids (no padding; transformers builds the
-        # block-diagonal mask from them); tokenize_* already enforced recipe.max_length per row.
-        padding_free=True,
-        max_length=None,
+        # CPU: rows packed into one sequence with position_ids (no padding; transformers builds the
+        # block-diagonal mask from them), tokenize_* having enforced recipe.max_length per row. GPU:
+        # TRL's padded batches, as SDPA would spend N^2 attention on a packed batch of N tokens.
+        padding_free=not use_gpu,
+        max_length=recipe.max_length if use_gpu else None,
         gradient_checkpointing=recipe.gradient_checkpointing,  # TRL defaults it to True
         seed=seed,
         data_seed=seed,
@@ -193,7 +191,9 @@ def train_adapter(
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    trainer = _trainer_class()(
+    # On a GPU, TRL's own loss: its Triton LM head already scores only the labelled positions.
+    trainer_class = SFTTrainer if use_gpu else _cpu_trainer_class()
+    trainer = trainer_class(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
         callbacks=list(callbacks),
     )  # fmt: skip
