@@ -43,6 +43,31 @@ def test_wilson_interval_matches_the_closed_form():
     assert np.allclose(wilson_interval(fired, n, 0.95), (centre - half, centre + half))
 
 
+@pytest.mark.parametrize("level", [0.9, 0.95, 0.99])
+def test_wilson_interval_contains_the_rate_and_stays_in_0_1_for_every_count_up_to_1000(level):
+    # every (fired, n) with 1 <= n <= 1000: 500,500 intervals, the edges 0/n and n/n included
+    n = np.repeat(np.arange(1, 1001), np.arange(2, 1002))
+    fired = np.concatenate([np.arange(k + 1) for k in range(1, 1001)])
+    low, high = wilson_interval(fired, n, level)
+    rate = fired / n
+    assert ((low >= 0) & (low <= rate) & (rate <= high) & (high <= 1)).all()
+    assert (low[fired == 0] == 0).all() and (high[fired == n] == 1).all()
+    # away from the clip, the closed form (Wilson 1927) to rounding
+    z = stats.norm.isf((1 - level) / 2)
+    centre = (rate + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * np.sqrt(rate * (1 - rate) / n + z**2 / (4 * n**2))
+    assert np.allclose(low, np.clip(centre - half, 0, 1), atol=1e-12)
+    assert np.allclose(high, np.clip(centre + half, 0, 1), atol=1e-12)
+
+
+def test_wilson_interval_of_all_or_nothing_is_exactly_the_edge():
+    # the rounding cases that crashed the regress stage's error bars
+    for n in (60, 80, 220, 260):
+        assert float(wilson_interval(n, n, 0.95)[1]) == 1.0
+    for n in (100, 200, 280, 300):
+        assert float(wilson_interval(0, n, 0.95)[0]) == 0.0
+
+
 def test_steiger_z_matches_published_worked_examples():
     # Steiger (1980) Psychological Bulletin 87:245, p. 249, case A; value as computed by R's cocor.
     assert steiger_z(0.4, 0.5, 0.1, 103)[0] == pytest.approx(-0.8887185, abs=1e-7)
