@@ -10,9 +10,10 @@ import json
 import time
 from pathlib import Path
 
-from personaspace.config import load_params
+from personaspace.checks import ModelFacts, model_errors
+from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path
-from personaspace.models import materialise
+from personaspace.models import load_tokenizer, materialise
 from personaspace.tracking import stage_run
 
 
@@ -28,6 +29,10 @@ def main() -> None:
     run_params = {"model": params.model, "source": spec.source, "dtype": spec.dtype}
     with stage_run("base", run_params), atomic_path(args.out) as tmp:
         info = materialise(spec, tmp, tokenizer_source=tokenizer_source)
+        # the check stage could not see a hub model before it was downloaded: check it now
+        problems = model_errors(params, ModelFacts(info["num_hidden_layers"], load_tokenizer(tmp)))
+        if problems:
+            raise ParamsError("\n".join(problems))
     info["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps({"model": params.model, **info}, indent=2))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,12 +24,13 @@ from tqdm.auto import tqdm
 from personaspace.config import ParamsError, load_params
 from personaspace.evaluation import CellStore, evaluate_cells, fingerprint_dir, merged_copy, rate_matrix
 from personaspace.generate import HFGenerator, Sampling
-from personaspace.io import atomic_path, write_json
+from personaspace.io import atomic_path, record_timing, write_json
 from personaspace.models import load_model
 from personaspace.personas import load_catalog
-from personaspace.tracking import stage_run
+from personaspace.tracking import log_to_parent, stage_run
 
 BASELINE = "none"
+HEADLINE = ("source_rate_mean", "bystander_rate_mean", "baseline_rate")  # also on the invocation's parent run
 
 
 def summarise(rates: pd.DataFrame) -> dict:
@@ -56,6 +58,9 @@ def main() -> None:
     parser.add_argument("--cells", type=Path, required=True, help="cell cache (kept between runs)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument(
+        "--timings", type=Path, default=Path("metrics/timings.json"), help="wall times (not DVC-hashed)"
+    )
     args = parser.parse_args()
     params = load_params(args.params)
     recipe, ev = params.couple.recipe, params.eval
@@ -101,17 +106,21 @@ def main() -> None:
         new_tokens = int(completions.loc[~completions["cell_key"].isin(done_before), "n_tokens"].sum())
         summary = summarise(rates) | {
             "completions": len(completions), "generated_now": generated, "generated_tokens": new_tokens,
-            "seconds": round(seconds, 1), "tokens_per_second": round(new_tokens / seconds, 1),
         }  # fmt: skip
+        # wall times vary run to run: MLflow and the timings file, never the DVC-hashed metrics
+        timing = {"seconds": round(seconds, 1), "tokens_per_second": round(new_tokens / seconds, 1)}
         import mlflow
 
-        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+        numbers = {k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None}
+        mlflow.log_metrics(numbers | timing)
+        log_to_parent({k: numbers[k] for k in HEADLINE if k in numbers}, {})
+        record_timing(args.timings, os.environ.get("DVC_STAGE", f"eval@{args.condition}"), timing)
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             completions.to_parquet(tmp / "completions.parquet", index=False)
             rates.to_parquet(tmp / "rates.parquet", index=False)
         write_json(summary, args.metrics)
-    print(json.dumps({k: v for k, v in summary.items() if k != "source_rates"}))
+    print(json.dumps({k: v for k, v in summary.items() if k != "source_rates"} | timing))
 
 
 if __name__ == "__main__":

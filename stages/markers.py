@@ -55,7 +55,7 @@ def main() -> None:
         all_rows = pd.concat(completions.values())
         metrics = {
             "condition": args.condition,
-            "completions": len(all_rows),
+            "datagen_completions": len(all_rows),
             "truncated_fraction": float((all_rows["finish_reason"] != "stop").mean()),
             "median_tokens": float(all_rows["n_tokens"].median()),
             "base_fire_rate": float(all_rows["fired"].mean()),

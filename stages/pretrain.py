@@ -42,11 +42,15 @@ def main() -> None:
     recipe = LoraRecipe(**params.recipes[spec.recipe].model_dump())
     run_params = {"condition": args.condition, "recipe": spec.recipe, "rows": len(rows), **spec.dataset.model_dump()}
     with stage_run("pretrain", run_params, tags={"condition": args.condition}):
+        import mlflow
+
         with atomic_path(args.out) as tmp:
             summary = build_condition(args.raw, rows, recipe, tmp, seed=spec.seed, dtype=params.model_spec.dtype)
-            summary.update(condition=args.condition, recipe=spec.recipe, seconds=round(time.perf_counter() - start, 1))
+            summary.update(condition=args.condition, recipe=spec.recipe)
+            # no wall time in the model folder: DVC hashes it, so a time would make every rebuild differ
             (tmp / "pretrain.json").write_text(json_text(summary))
         log_history(summary["history"])
+        mlflow.log_metric("train_seconds", round(time.perf_counter() - start, 1))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from personaspace import plots
-from personaspace.assemble import cosine_grid, own_rates, rate_grid, regression_table, undefined_layers
+from personaspace.assemble import cosine_grid, rate_grid, regression_table, undefined_layers
 from personaspace.config import load_params
 from personaspace.io import atomic_path, json_text, write_json
 from personaspace.models import load_tokenizer
@@ -62,7 +62,7 @@ def main() -> None:
     metrics["condition"] = args.condition
     metrics["excluded_layers"] = undefined_layers(cosines)
     metrics["excluded_layers_reason"] = "centered cosine undefined: every persona's centroid is the same vector there"
-    headline = headline_metrics(metrics, rates)
+    headline = headline_metrics(metrics)
     with stage_run("regress", {"condition": args.condition, "personas": len(params.panel), "primary_layer": primary}):
         import mlflow
 
@@ -96,16 +96,18 @@ def main() -> None:
     print(f"{args.condition}: {json_text(headline)}")
 
 
-def headline_metrics(metrics: dict, rates: pd.DataFrame) -> dict:
-    """The numbers `dvc metrics diff` compares across panels; everything else is in regress.json."""
+def headline_metrics(metrics: dict) -> dict:
+    """The numbers `dvc metrics diff` compares across panels; everything else is in regress.json.
+
+    Keys are unique across the metrics files (the fire rates are eval's), so `dvc exp show` needs
+    no file prefixes to tell its columns apart.
+    """
     primary = metrics["primary_layer"]
     layer = metrics["layers"][str(primary)]
     by_rho = {k: v["spearman"]["rho"] for k, v in metrics["layers"].items() if v["spearman"]["rho"] is not None}
     best = max(by_rho, key=lambda k: abs(by_rho[k])) if by_rho else None
-    own = own_rates(rates)
     return {
         "n_personas": metrics["n_personas"],
-        "source_rate_mean": float((own["fired"] / own["n"]).mean()),
         "primary": {
             "layer": primary, "spearman_rho": layer["spearman"]["rho"], "spearman_p": layer["spearman"]["p"],
             "holm_p": layer["holm"].get("spearman_p"), "pearson_r": layer["pearson"]["r"],

@@ -25,12 +25,12 @@ TINY = {
     "model": "tiny-random",
     "generation": {"batch_size": 64},
     "datagen": {"max_new_tokens": 4, "drop_truncated": False, "positives": 10, "negatives_per_persona": 5},
-    "eval": {"max_new_tokens": 8, "samples_per_question": 1},
+    "eval": {"max_new_tokens": 12, "samples_per_question": 1},
     "recipes": {"smol": {"epochs": 1}},
     "regress": {"primary_layer": 1},
     "stats": {"power_simulations": 200, "cv_repeats": 2},
 }
-STAGES_12 = {"base", "pretrain@base", "markers@base", "eval@base", "centroids@base", "regress@base"}
+STAGES_12 = {"check", "base", "pretrain@base", "markers@base", "eval@base", "centroids@base", "regress@base"}
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -163,7 +163,7 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     new = load_catalog().panel(24)[12:]
     # Panel-wide stages rerun; per-persona stages (datagen, couple) run only for the new personas.
     per_persona = {f"datagen@base-{p}" for p in new} | {f"couple@base-{p}-0" for p in new}
-    assert _ran(output) == {"markers@base", "eval@base", "centroids@base", "regress@base"} | per_persona
+    assert _ran(output) == {"check", "markers@base", "eval@base", "centroids@base", "regress@base"} | per_persona
     # eval sampled only the new cells: new adapters x 24 personas, old adapters + baseline x 12 new personas
     eval_metrics = json.loads((tiny_repo / "metrics/eval_base.json").read_text())
     assert eval_metrics["generated_now"] == (12 * 24 + 13 * 12) * 20
@@ -186,13 +186,11 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
 
 @pytest.mark.slow
 def test_an_em_condition_is_pretrained_merged_once_and_probed(tiny_repo):
-    params_file = tiny_repo / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    params["conditions"] = ["base", "em"]
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    # params.yaml is composed, never edited by hand (a hand edit is refused: test_checks.py)
+    _run([sys.executable, "-m", "personaspace.cli", "params", "personas=24", "conditions=[base,em]"], tiny_repo)
     output = _run(["dvc", "repro", "pretrain@em", "centroids@em", "centroids@base"], tiny_repo)
     # after the tests above only the em stages run (the base ones run too when this test runs alone)
-    assert _ran(output) - {"base", "pretrain@base", "centroids@base"} == {"pretrain@em", "centroids@em"}
+    assert _ran(output) - {"check", "base", "pretrain@base", "centroids@base"} == {"pretrain@em", "centroids@em"}
     summary = json.loads((tiny_repo / "models/em/pretrain.json").read_text())
     assert summary["rows"] == 320 and summary["recipe"] == "pretrain_smol"
     from safetensors.torch import load_file

@@ -27,7 +27,8 @@ class ParamsError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: YAML `true` is not 1 and "1.0" is not 1.0; a wrong type is an error, not a silent coercion
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 class ModelSpec(_Strict):
@@ -61,7 +62,7 @@ class GenerationParams(_Strict):
 
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers+peft (CPU/GPU); vllm: GPU")
     batch_size: int = Field(64, gt=0, description="prompts per forward batch (hf backend)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = float32 on CPU, bfloat16 on GPU"
     )
@@ -158,7 +159,11 @@ class PretrainParams(_Strict):
 class RegressParams(_Strict):
     """The regress stage: which layer is the headline and which personas form the calibration split."""
 
-    primary_layer: int = Field(ge=0, description="hidden-state index of the headline scatter (0 = embeddings)")
+    primary_layer: int = Field(
+        ge=1,
+        description="hidden-state index of the headline scatter (k = output of block k); not 0: at the last "
+        "input token every persona reads the same token's embedding there, so no cosine is defined",
+    )
     calibration: list[str] = Field(
         default_factory=list, description="personas of the pre-registered calibration split (empty: random split only)"
     )
@@ -177,6 +182,11 @@ class StatsParams(_Strict):
     """Every threshold and size the statistics use."""
 
     reference_persona: str = Field(description="cosines are to this persona's centroid; left out of the fits")
+    fit_reference: bool = Field(
+        False,
+        description="keep the reference persona (cosine 1 by construction) in every fit, as the lab's "
+        "published fits do; default: left out, so a point fixed by construction does not drive the slope",
+    )
     ci_level: float = Field(gt=0, lt=1, description="confidence / prediction interval level")
     alpha: float = Field(gt=0, lt=1, description="significance level of every test")
     influence_numerator: float = Field(gt=0, description="Cook's distance threshold is this / n")
@@ -195,6 +205,9 @@ class StatsParams(_Strict):
 class Params(_Strict):
     """The whole of params.yaml."""
 
+    composed: dict[str, str] = Field(
+        alias="_composed", description="written by composition: the digest that catches hand edits (params_guard)"
+    )
     seed: int = Field(description="study seed; every random choice derives its seed from it and stable ids")
     personas: int = Field(description="panel size: 12, 24 or 48")
     panel_key: str = Field(alias="_panel_key", description="n<personas>; Hydra composes `panel` from it")

@@ -38,6 +38,18 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def record_timing(path: Path | str, stage: str, values: dict[str, float]) -> None:
+    """Set ``stage``'s entry of a wall-time file (one JSON object keyed by stage), atomically.
+
+    Wall times differ on every run, so they live in a file no stage declares as an output: DVC
+    lists it as a top-level metric (shown by `dvc metrics show`, never hashed into dvc.lock).
+    """
+    path = Path(path)
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[stage] = values
+    write_json(timings, path)
+
+
 def write_parquet(df: pd.DataFrame, path: Path | str) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
@@ -58,3 +70,37 @@ def json_text(data: Any) -> str:
 def write_json(data: Any, path: Path | str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json_text(data))
+
+
+class OutputError(ValueError):
+    """An output folder a command may not replace; the message names it and says why."""
+
+
+def check_replaceable(folder: Path | str, manifest: str) -> None:
+    """Raise OutputError unless ``folder`` is absent, empty, or holds only files its ``manifest`` lists.
+
+    A command replaces its own previous output (listed by ``write_manifest``), never a file it did not write.
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise OutputError(f"{folder} exists and is not a folder")
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")} - {manifest}
+    if not present:
+        return
+    try:
+        written = set(json.loads((folder / manifest).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(f"{folder} is not empty and has no readable {manifest}: not this command's output") from None
+    foreign = sorted(present - written)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{folder} holds files this command did not write: {listed}")
+
+
+def write_manifest(folder: Path | str, manifest: str) -> None:
+    """List every file now in ``folder`` in ``folder/manifest``, so that a later run may replace them."""
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name != manifest)
+    (folder / manifest).write_text(json_text({"files": files}))

@@ -23,7 +23,9 @@ def _save(fig, stem: Path) -> list[Path]:
     for suffix in (".png", ".pdf"):
         path = stem.with_suffix(suffix)
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
+            # no creation date in the PDF: the same figure gives the same bytes (DVC hashes results/)
+            metadata = {"CreationDate": None} if suffix == ".pdf" else None
+            fig.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight", metadata=metadata)
         paths.append(path)
     plt.close(fig)
     return paths

@@ -143,6 +143,23 @@ def _cpu_trainer_class() -> type:
     return NextTokenLossSFTTrainer
 
 
+def sort_adapter_config(adapter_dir: Path) -> None:
+    """Rewrite ``adapter_config.json`` with its module lists sorted.
+
+    peft keeps ``target_modules`` as a set, so the saved order follows the process's string-hash
+    seed: an identical retrain wrote a different file, changed the adapter's fingerprint and
+    re-sampled its eval cells. Sorted, the same weights give the same bytes.
+    """
+    import json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def train_adapter(
     model_path: Path,
     dataset: Dataset,
@@ -202,6 +219,7 @@ def train_adapter(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     trainer.model.save_pretrained(out_dir)
+    sort_adapter_config(out_dir)
     history = [
         {"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
         for entry in trainer.state.log_history

@@ -1,0 +1,104 @@
+"""params.yaml is written only by composing conf/: a digest recorded at composition catches hand edits.
+
+`dvc exp run` recomposes params.yaml from conf/ (plus its -S overrides) and so silently discards
+a hand edit: an edited `model: tiny-random` became the embedded model again. Composition writes
+``_composed.sha256`` (the resolver ``${params_sha256:}`` in conf/config.yaml), a digest of every
+other key; a params.yaml whose content no longer matches its digest was edited after composition.
+
+Two places refuse such a file, naming each edited key and the fix:
+- DVC imports ``hydra_plugins/personaspace_params_guard.py`` before it composes (Hydra's plugin
+  scan over DVC's ``hydra.plugins_path``, the repo root, DVC's documented place for resolvers), so
+  `dvc exp run` (and `personaspace params`) stop before params.yaml is overwritten;
+- the pipeline's first stage, ``check``, so plain `dvc repro` does not run an edit that the next
+  `dvc exp run` would lose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KEY = "_composed"
+RESOLVER = "params_sha256"
+
+
+def params_digest(data: Mapping[str, Any]) -> str:
+    """sha256 of a params mapping without its ``_composed`` record (key order does not matter)."""
+    body = {k: v for k, v in data.items() if k != KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _composed_digest(*, _root_: Any) -> str:
+    """The resolver: the digest of the config being composed, as a reader of params.yaml will load it."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(_root_, resolve=False)
+    plain.pop(KEY, None)
+    return params_digest(yaml.safe_load(OmegaConf.to_yaml(OmegaConf.create(plain), resolve=True)))
+
+
+def register_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver(RESOLVER, _composed_digest, replace=True)
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        is_branch = isinstance(value, Mapping) and value
+        out.update(_flat(value, f"{prefix}{key}.") if is_branch else {f"{prefix}{key}": value})
+    return out
+
+
+def _committed(path: Path) -> dict[str, Any] | None:
+    """params.yaml as committed at HEAD, if git has it."""
+    try:
+        shown = subprocess.run(
+            ["git", "show", f"HEAD:./{path.name}"], cwd=path.parent, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    data = yaml.safe_load(shown)
+    return data if isinstance(data, dict) else None
+
+
+def hand_edit_report(path: Path | str) -> str | None:
+    """None if params.yaml is as composition wrote it, else a message naming each edited key and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    record = data.get(KEY) if isinstance(data, dict) else None
+    if isinstance(record, Mapping) and record.get("sha256") == params_digest(data):
+        return None
+    lines = [f"{path.name} was edited by hand: it no longer matches the composition of conf/ recorded in it "
+             f"({KEY}.sha256), and `dvc exp run` recomposes it from conf/, discarding the edit."]  # fmt: skip
+    old = _committed(path)
+    if old is not None and (old.get(KEY) or {}).get("sha256") == params_digest(old):
+        now, was = _flat(data), _flat(old)
+        changed = [k for k in sorted(set(now) | set(was)) if not k.startswith(f"{KEY}.") and now.get(k) != was.get(k)]
+        lines += [f"  {k}: {was.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed]
+        overrides = " ".join(f"-S '{k}={json.dumps(now[k])}'" for k in changed if k in now)
+        if overrides:
+            lines.append(f"Pass it as an override (`dvc exp run {overrides}`),")
+    lines.append(
+        "or put it in conf/config.yaml (then `make params`); restore this file with `git checkout params.yaml`."
+    )
+    return "\n".join(lines)
+
+
+def guard_composition(params_file: Path) -> None:
+    """Register the digest resolver; refuse (DvcException) to compose over a hand-edited ``params_file``."""
+    register_resolver()
+    report = hand_edit_report(params_file)
+    if report is not None:
+        from dvc.exceptions import DvcException
+
+        raise DvcException(report + "\nNothing was changed.")
