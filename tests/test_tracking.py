@@ -1,8 +1,16 @@
-"""MLflow: the tracking URI rule, stage runs with tags and loss curves, the adapter registry round trip."""
+"""MLflow: the tracking URI rule, stage runs with tags and loss curves, run statuses when a stage dies, the adapter
+registry round trip."""
 
 import filecmp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pandas as pd
+import psutil
 import pytest
 
 from personaspace.generate import ChatRequest, Sampling, load_generator
@@ -10,6 +18,34 @@ from personaspace.markers import fires
 from personaspace.models import load_tokenizer
 from personaspace.tracking import download_adapter, log_history, register_adapter, stage_run, tracking_uri
 from personaspace.train import LoraRecipe, tokenize_marker_dataset, train_adapter
+
+# a stage process that opens its run, says which, and waits to be killed
+STAGE_PROCESS = """
+import time
+from personaspace.tracking import stage_run
+with stage_run("couple", params={"recipe": "smol"}) as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def mlflow_db(monkeypatch, tmp_path):
+    """A fresh SQLite tracking DB; the MlflowClient to read it."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) stay in tmp_path
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow.MlflowClient()
+
+
+def _status(client, run_id: str) -> str:
+    return client.get_run(run_id).info.status
+
+
+def _parent(client, run_id: str) -> str:
+    return client.get_run(run_id).data.tags["mlflow.parentRunId"]
 
 
 def test_tracking_uri_prefers_the_env_then_the_dvc_root(monkeypatch, tmp_path):
@@ -21,6 +57,74 @@ def test_tracking_uri_prefers_the_env_then_the_dvc_root(monkeypatch, tmp_path):
     # `dvc queue start` runs experiments in a copy under .dvc/tmp/exps: still the repo's database
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "tmpk2j4"))
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_a_killed_stage_run_ends_killed_at_the_next_start(mlflow_db, tmp_path):
+    client = mlflow_db
+    stage = subprocess.Popen([sys.executable, "-c", STAGE_PROCESS], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        stale = stage.stdout.readline().strip()
+    finally:
+        stage.kill()  # kill -9: no handler runs, the run stays RUNNING
+        stage.wait()
+    assert stale and _status(client, stale) == "RUNNING"
+    experiment = client.get_experiment_by_name("personaspace").experiment_id
+    here, me = socket.gethostname(), f"{os.getpid()}-{psutil.Process().create_time():.3f}"
+    elsewhere = client.create_run(experiment, tags={"personaspace_process": "1-0.000", "personaspace_host": "other"})
+    alive = client.create_run(experiment, tags={"personaspace_process": me, "personaspace_host": here})
+    with stage_run("couple", params={"recipe": "smol"}) as run:
+        pass
+    assert _status(client, stale) == "KILLED"
+    assert _status(client, _parent(client, stale)) == "FAILED"  # its invocation failed
+    assert _status(client, run.info.run_id) == "FINISHED"
+    # runs of another host, or of a live process, are not this start's to judge
+    assert _status(client, elsewhere.info.run_id) == _status(client, alive.info.run_id) == "RUNNING"
+
+
+def test_sigterm_ends_the_stage_run_killed(mlflow_db):
+    client = mlflow_db
+
+    def before(signum, frame):  # stands in for the default handler, which would end pytest
+        raise AssertionError("stage_run did not handle SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, before)
+    try:
+        with pytest.raises(SystemExit) as exit_, stage_run("couple", params={}) as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises in the main thread
+        assert signal.getsignal(signal.SIGTERM) is before  # restored on exit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert _status(client, run.info.run_id) == "KILLED"
+    assert _status(client, _parent(client, run.info.run_id)) == "FAILED"
+
+
+def test_ctrl_c_ends_the_stage_run_killed(mlflow_db):
+    with pytest.raises(KeyboardInterrupt), stage_run("couple", params={}) as run:
+        raise KeyboardInterrupt  # DVC forwards SIGINT to the stage on Ctrl-C
+    assert _status(mlflow_db, run.info.run_id) == "KILLED"
+
+
+def test_the_parent_shows_running_while_a_later_stage_runs(mlflow_db):
+    with stage_run("datagen", params={}) as first:
+        pass
+    parent = _parent(mlflow_db, first.info.run_id)
+    assert _status(mlflow_db, parent) == "FINISHED"
+    with stage_run("couple", params={}):
+        assert _status(mlflow_db, parent) == "RUNNING"
+    assert _status(mlflow_db, parent) == "FINISHED"
+
+
+def test_a_failed_stage_leaves_the_parent_failed_even_after_a_later_stage_succeeds(mlflow_db):
+    with pytest.raises(RuntimeError), stage_run("datagen", params={}) as failed:
+        raise RuntimeError("the stage broke")
+    parent = _parent(mlflow_db, failed.info.run_id)
+    assert _status(mlflow_db, failed.info.run_id) == _status(mlflow_db, parent) == "FAILED"
+    with stage_run("couple", params={}) as later:
+        assert _status(mlflow_db, parent) == "FAILED"  # once failed, the invocation stays failed
+    assert _parent(mlflow_db, later.info.run_id) == parent and _status(mlflow_db, later.info.run_id) == "FINISHED"
+    assert _status(mlflow_db, parent) == "FAILED"
 
 
 @pytest.mark.slow

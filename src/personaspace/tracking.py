@@ -10,6 +10,12 @@ Every stage run is nested under one parent run per ``dvc repro`` / ``dvc exp run
 the stages of one invocation find the parent by a tag keyed on the DVC process (its pid and start
 time), so a stage run by hand gets a parent of its own.
 
+A stage run ends FINISHED, FAILED on an exception, or KILLED on SIGTERM or Ctrl-C. A process killed
+outright (kill -9, the OOM killer) cannot end its run, so every run records its process and host,
+and the next stage_run on that host ends the runs of dead processes: stages KILLED, their parents
+FAILED. The parent shows RUNNING while a stage runs, FINISHED after it unless a stage of the
+invocation failed or was killed, and once FAILED it stays FAILED.
+
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///$DVC_ROOT/mlflow.db``
 (DVC exports DVC_ROOT to stages; queued experiments run in .dvc/tmp/exps/..., so a relative
 path there would make a throwaway database), else ``sqlite:///<cwd>/mlflow.db``.
@@ -21,7 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,6 +74,24 @@ def run_tags(stage: str, extra: Mapping[str, str] | None = None) -> dict[str, st
     return tags
 
 
+def _identity(process: Any) -> str:
+    """``<pid>-<create_time>``: a pid alone may be reused by a later process."""
+    return f"{process.pid}-{process.create_time():.3f}"
+
+
+def _alive(identity: str) -> bool:
+    """Whether the process ``identity`` (from ``_identity``) still runs on this host."""
+    import psutil
+
+    pid, _, created = identity.partition("-")
+    try:
+        process = psutil.Process(int(pid))
+        # a zombie has died; only its parent has not collected its exit status yet
+        return f"{process.create_time():.3f}" == created and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
 def invocation() -> tuple[str, str]:
     """(key, command) of the ``dvc`` process this stage runs under; this process itself when none."""
     import psutil
@@ -77,9 +104,9 @@ def invocation() -> tuple[str, str]:
         names = [Path(a).name for a in argv[:3]]
         if "dvc" in names and any(cmd in argv for cmd in ("repro", "exp", "queue")):
             rest = argv[names.index("dvc") + 1 :]
-            return f"{process.pid}-{process.create_time():.3f}", "dvc " + " ".join(rest)
+            return _identity(process), "dvc " + " ".join(rest)
     me = psutil.Process()
-    return f"{me.pid}-{me.create_time():.3f}", " ".join(me.cmdline())
+    return _identity(me), " ".join(me.cmdline())
 
 
 def _parent_run_id(client: Any, experiment_id: str) -> str:
@@ -91,31 +118,109 @@ def _parent_run_id(client: Any, experiment_id: str) -> str:
     if found:
         return found[0].info.run_id
     name = os.environ.get("DVC_EXP_NAME") or command
-    tags = {"personaspace_invocation": key, "command": command, "stage": "invocation"}
+    tags = {
+        "personaspace_invocation": key, "personaspace_host": socket.gethostname(), "command": command,
+        "stage": "invocation",
+    }  # fmt: skip
     tags.update({k: v for k, v in run_tags("invocation").items() if k.startswith(("dvc_exp", "git"))})
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
+def _end_dead_runs(client: Any, experiment_id: str) -> None:
+    """End the RUNNING runs whose process on this host has died: stages KILLED, their parents FAILED.
+
+    A parent also ends FAILED when its own ``dvc`` process has died (killed before its last stage).
+    Runs of other hosts are left alone: their processes cannot be checked from here.
+    """
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.personaspace_host = '{socket.gethostname()}'",
+    )  # fmt: skip
+    failed_parents = set()
+    for run in running:
+        tags = run.data.tags
+        if "personaspace_process" in tags and not _alive(tags["personaspace_process"]):
+            client.set_terminated(run.info.run_id, "KILLED")
+            if "mlflow.parentRunId" in tags:
+                failed_parents.add(tags["mlflow.parentRunId"])
+        elif "personaspace_invocation" in tags and not _alive(tags["personaspace_invocation"]):
+            failed_parents.add(run.info.run_id)
+    for parent in failed_parents:
+        client.set_terminated(parent, "FAILED")
+
+
+def _invocation_status(client: Any, experiment_id: str, parent: str) -> str:
+    """FAILED once any stage of the invocation failed or was killed, else FINISHED."""
+    if client.get_run(parent).info.status == "FAILED":
+        # failed by a stage, or by _end_dead_runs when its dvc died (no stage of it FAILED then): it stays failed
+        return "FAILED"
+    # one query per status: MLflow's search takes IN only on run_id
+    failed = any(
+        client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = '{status}'",
+            max_results=1,
+        )
+        for status in ("FAILED", "KILLED")
+    )  # fmt: skip
+    return "FAILED" if failed else "FINISHED"
+
+
+class Terminated(SystemExit):
+    """SIGTERM as an exception, so the stage's run ends KILLED; uncaught, the process exits 143 as on SIGTERM."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` within the block; the previous handler is restored after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers only in the main thread, and only it may install them
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        # None: the previous handler was not installed from Python; the default is the best guess
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run for one stage execution, nested under the invocation's parent run."""
+    """An MLflow run for one stage execution, nested under the invocation's parent run.
+
+    Ends the runs of dead processes first (see the module docstring). The run ends FINISHED, KILLED on
+    SIGTERM or KeyboardInterrupt, FAILED on any other exception, which is re-raised.
+    """
     import mlflow
+    import psutil
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.set_experiment(EXPERIMENT)
+    experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
     client = MlflowClient()
-    parent = _parent_run_id(client, experiment.experiment_id)
-    all_tags = {**run_tags(stage, tags), "mlflow.parentRunId": parent}
+    _end_dead_runs(client, experiment_id)
+    parent = _parent_run_id(client, experiment_id)
+    if client.get_run(parent).info.status != "FAILED":  # a failed invocation stays failed, even while it goes on
+        client.update_run(parent, status="RUNNING")
+    identity = {"personaspace_process": _identity(psutil.Process()), "personaspace_host": socket.gethostname()}
+    all_tags = {**run_tags(stage, tags), **identity, "mlflow.parentRunId": parent}
     status = "FAILED"
-    try:
-        with mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags) as run:
+    with _sigterm_raises():
+        run = mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags)
+        try:
             mlflow.log_params({k: str(v) for k, v in params.items()})
             yield run
-        status = "FINISHED"
-    finally:
-        # the parent ends with its latest stage (a stage cannot know it is the last one)
-        client.set_terminated(parent, status)
+            status = "FINISHED"
+        except (Terminated, KeyboardInterrupt):
+            status = "KILLED"
+            raise
+        finally:
+            mlflow.end_run(status)
+            # a stage cannot know it is the invocation's last one: the parent always shows the outcome so far
+            client.set_terminated(parent, _invocation_status(client, experiment_id, parent))
 
 
 def log_to_parent(metrics: Mapping[str, float], params: Mapping[str, Any]) -> None:
