@@ -32,7 +32,8 @@ def main() -> None:
     parents = sorted((r for r in runs if r.data.tags.get("stage") == "invocation"), key=lambda r: r.info.start_time)
     chosen = parents[-args.invocations :]
     ids = {p.info.run_id for p in chosen}
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids and r.info.end_time]
+    # only finished runs: a killed stage's run is ended (KILLED) at the next start, so its span is not its work
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids and r.info.status == "FINISHED"]
     by_stage: dict[str, list[float]] = defaultdict(list)
     for run in children:
         by_stage[run.data.tags["stage"]].append((run.info.end_time - run.info.start_time) / 1000)
