@@ -3,10 +3,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from personaspace.io import json_text
 from personaspace.regress import RegressSettings, TableError, regress_table, validate_table
@@ -87,7 +89,7 @@ def test_holm_is_adjusted_across_the_layers_present():
 
 def test_a_constant_cosine_layer_gives_nulls_with_reasons_not_a_crash():
     table = pd.read_csv(TABLE)
-    table.loc[table.layer == 10, "cosine"] = 0.5
+    table.loc[(table.layer == 10) & (table.persona != "helpful_assistant"), "cosine"] = 0.5  # the reference's stays 1
     metrics, _ = regress_table(table, _settings())
     layer = metrics["layers"]["10"]
     assert layer["pearson"]["r"] is None and layer["pearson"]["r_reason"] == "one variable is constant"
@@ -221,3 +223,173 @@ def test_rate_heatmap_writes_png_and_pdf(tmp_path):
     matrix = pd.DataFrame(np.random.default_rng(0).uniform(0, 1, (3, 3)), index=names, columns=names)
     paths = rate_heatmap(matrix, tmp_path / "heatmap")
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+# --- refusals and conventions of `personaspace regress` (run through personaspace.cli.main) ---
+
+
+@pytest.fixture
+def quick_params(tmp_path, raw_params):
+    """The committed params with small simulation counts, so each CLI run takes about a second."""
+    raw_params["stats"].update(power_simulations=200, cv_repeats=2)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw_params))
+    return path
+
+
+def _regress(params: Path, table: Path, out: Path, *extra: str) -> int:
+    from personaspace.cli import main
+
+    return main(["regress", "--table", str(table), "--out", str(out), "--params", str(params), *extra])
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_regress_refuses_an_unknown_reference_persona(tmp_path, quick_params, capsys):
+    before = _tree(tmp_path)
+    assert _regress(quick_params, TABLE, tmp_path / "out", "--reference", "helpful_asistant") == 2
+    err = capsys.readouterr().err
+    assert "--reference" in err and "'helpful_asistant'" in err and "helpful_assistant, kindergarten_teacher" in err
+    assert _tree(tmp_path) == before  # nothing written
+
+
+def test_regress_refuses_a_reference_whose_cosine_is_not_1(tmp_path, quick_params, capsys):
+    """A known but wrong reference: the cosines were taken to another persona (its own cosine is not 1)."""
+    assert _regress(quick_params, TABLE, tmp_path / "out", "--reference", "librarian") == 2
+    err = capsys.readouterr().err
+    assert "--reference" in err and "'librarian'" in err and "cosine 0.3 in layer 10" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "calibration,message",
+    [
+        ("librarian,villian,comedian,zelthari", "names persona(s) not in the table: 'villian', 'zelthari'"),
+        ("librarian,villain,helpful_assistant", "--calibration names the reference persona 'helpful_assistant'"),
+    ],
+)
+def test_regress_refuses_an_unknown_calibration_persona(tmp_path, quick_params, capsys, calibration, message):
+    assert _regress(quick_params, TABLE, tmp_path / "out", "--calibration", calibration) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_regress_refuses_a_fractional_layer():
+    table = pd.read_csv(TABLE).astype({"layer": float})
+    table.loc[table.layer == 15, "layer"] = 15.5  # astype(int) read this silently as layer 15
+    with pytest.raises(TableError, match=r"row 1: layer must be a whole number, got 15\.5"):
+        validate_table(table)
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda t: t.assign(fired=t.fired > 50), "row 0: column 'fired' holds true/false, not a number"),
+        (lambda t: t.assign(n=True), "row 0: column 'n' holds true/false, not a number"),
+        (lambda t: t.assign(layer=t.layer.astype(object).where(t.index != 7, True)), "row 7: column 'layer' holds"),
+        (lambda t: t.assign(prompt_tokens=t.prompt_tokens.where(t.index != 3, 17.5)), "row 3: prompt_tokens must be"),
+        (lambda t: t.assign(inherited=["yes"] * len(t)), "row 0: inherited must be true or false, got 'yes'"),
+        (
+            lambda t: t.assign(prompt=t.prompt.where(t.index != 1, "You are someone else.")),
+            "persona 'software_engineer': prompt differs between layers",
+        ),
+    ],
+)
+def test_regress_refuses_other_silent_coercions(corrupt, message):
+    with pytest.raises(TableError) as exc:
+        validate_table(corrupt(pd.read_csv(TABLE)))
+    assert message in str(exc.value)
+
+
+def test_regress_survives_a_persona_without_a_system_prompt():
+    """0 prompt tokens (no system prompt): the length controls are undefined with a reason, not a crash."""
+    table = pd.read_csv(TABLE)
+    table.loc[table.persona == "model_default", ["prompt", "prompt_tokens"]] = ["", 0]
+    metrics, _ = regress_table(table, _settings())
+    layer = metrics["layers"]["15"]
+    assert layer["length_partial_spearman"] is None and "0 prompt tokens" in layer["length_partial_spearman_reason"]
+    assert layer["spearman"]["rho"] is not None
+
+
+def test_regress_refuses_an_empty_table(tmp_path, quick_params, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text(TABLE.read_text().splitlines()[0] + "\n")
+    with pytest.raises(TableError, match="no rows"):
+        validate_table(pd.read_csv(empty))
+    assert _regress(quick_params, empty, tmp_path / "out") == 2
+    assert "the table has no rows" in capsys.readouterr().err
+    (tmp_path / "blank.csv").write_text("")
+    assert _regress(quick_params, tmp_path / "blank.csv", tmp_path / "out") == 2
+    assert "--table" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_regress_refuses_to_replace_a_folder_it_did_not_write(tmp_path, quick_params, capsys):
+    out = tmp_path / "analysis"
+    out.mkdir()
+    (out / "notes.md").write_text("my notes")
+    assert _regress(quick_params, TABLE, out) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "choose a new --out or empty it" in err
+    assert _tree(out) == {"notes.md": b"my notes"}
+    (tmp_path / "a_file").write_text("x")
+    assert _regress(quick_params, TABLE, tmp_path / "a_file") == 2
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_regress_replaces_only_what_its_previous_run_wrote(tmp_path, quick_params, capsys):
+    out = tmp_path / "analysis"
+    out.mkdir()  # an empty folder is fine
+    assert _regress(quick_params, TABLE, out) == 0
+    manifest = json.loads((out / ".personaspace-regress.json").read_text())
+    assert set(manifest["files"]) == set(_tree(out)) - {".personaspace-regress.json"}
+    (out / "metrics.json").write_text("{}")  # a previous run's own file, edited: still its own
+    assert _regress(quick_params, TABLE, out) == 0 and json.loads((out / "metrics.json").read_text())
+    (out / "extra.csv").write_text("mine")
+    capsys.readouterr()
+    assert _regress(quick_params, TABLE, out) == 2
+    assert "extra.csv" in capsys.readouterr().err and (out / "extra.csv").read_text() == "mine"
+
+
+def test_regress_include_reference_keeps_the_reference_in_the_fit(tmp_path, quick_params, raw_params, capsys):
+    calibration = "software_engineer,kindergarten_teacher,librarian,french_person,villain,model_default"
+    assert _regress(quick_params, TABLE, tmp_path / "without", "--calibration", calibration) == 0
+    assert "rho = 0.936" in capsys.readouterr().out  # the number the README quotes
+    assert _regress(quick_params, TABLE, tmp_path / "with", "--calibration", calibration, "--include-reference") == 0
+    without, with_ = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("without", "with"))
+    assert without["layers"]["15"]["spearman"]["rho"] == pytest.approx(0.9363636, abs=1e-6)
+    assert without["layers"]["15"]["spearman"]["p"] == pytest.approx(2.2e-05, rel=0.05)
+    assert (without["n_personas"], without["reference_in_fit"]) == (11, False)
+    assert without["excluded"] == ["helpful_assistant"]
+    assert (with_["n_personas"], with_["reference_in_fit"], with_["excluded"]) == (12, True, [])
+    assert with_["layers"]["15"]["spearman"]["rho"] != pytest.approx(without["layers"]["15"]["spearman"]["rho"])
+    assert "helpful_assistant" in with_["layers"]["15"]["cooks_distance"]
+
+
+def test_settings_read_fit_reference_from_params(raw_params):
+    from personaspace.config import StatsParams
+    from personaspace.regress import settings_from_params
+
+    stats = StatsParams.model_validate(raw_params["stats"])
+    assert settings_from_params(stats, seed=0).fit_reference is False
+    assert settings_from_params(stats, seed=0, fit_reference=True).fit_reference is True
+    stats = StatsParams.model_validate({**raw_params["stats"], "fit_reference": True})
+    assert settings_from_params(stats, seed=0).fit_reference is True
+
+
+def test_regress_survives_a_source_that_always_fires(tmp_path, quick_params):
+    table = pd.read_csv(TABLE)
+    table.loc[table.persona == "software_engineer", ["fired", "n"]] = [60, 60]
+    table.loc[table.persona == "villain", ["fired", "n"]] = [0, 100]
+    path = tmp_path / "edges.csv"
+    table.to_csv(path, index=False)
+    out = tmp_path / "out"
+    assert _regress(quick_params, path, out) == 0
+    for name in ("scatter", "rho_by_layer", "rates_forest"):
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").stat().st_size > 1000
+    rates = json.loads((out / "metrics.json").read_text())["rates"]
+    assert (rates["software_engineer"]["rate"], rates["villain"]["rate"]) == (1.0, 0.0)
+    for persona, rate in rates.items():
+        assert rate["wilson_low"] <= rate["rate"] <= rate["wilson_high"], persona

@@ -29,51 +29,71 @@ def panels_yaml() -> str:
 
 
 def compose_params(output: Path, overrides: list[str], conf_dir: Path = Path("conf")) -> None:
-    """Compose ``conf/config.yaml`` (+ Hydra overrides) into ``output`` exactly as `dvc exp run` does."""
+    """Compose ``conf/config.yaml`` (+ Hydra overrides) into ``output`` exactly as `dvc exp run` does.
+
+    Hydra's plugins come from the repo root, as DVC's do (``hydra_plugins/``: the digest resolver
+    and the hand-edit guard, which raises DvcException over a hand-edited params.yaml).
+    """
     from dvc.utils.hydra import compose_and_dump
 
+    conf_dir = conf_dir.resolve()
     with atomic_path(output) as tmp:
-        compose_and_dump(tmp, str(conf_dir.resolve()), None, "config", str(conf_dir.resolve()), overrides)
+        compose_and_dump(tmp, str(conf_dir), None, "config", str(conf_dir.parent), overrides)
+
+
+REGRESS_MANIFEST = ".personaspace-regress.json"  # lists what `regress` wrote into --out; only those it may replace
 
 
 def regress_command(args: argparse.Namespace) -> int:
-    """Re-analyse a (persona, layer) table: metrics.json, plot data and figures into args.out."""
+    """Re-analyse a (persona, layer) table: metrics.json, plot data and figures into args.out.
+
+    Everything (params, table, settings, --out) is checked before anything is written; exit code 2 on a refusal.
+    """
     import pandas as pd
 
     from personaspace import plots
     from personaspace.config import StatsParams
-    from personaspace.io import json_text
-    from personaspace.regress import TableError, regress_table, settings_from_params
+    from personaspace.io import OutputError, check_replaceable, json_text, write_manifest
+    from personaspace.regress import SettingsError, TableError, regress_table, settings_from_params
+
+    def refuse(message: str) -> int:
+        print(message, file=sys.stderr)
+        return 2
 
     if not args.params.is_file():
-        print(f"{args.params} not found: pass --params with a `stats` section (the repo's params.yaml has one)",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return refuse(f"{args.params} not found: pass --params with a `stats` section (the repo's params.yaml has one)")
     raw = yaml.safe_load(args.params.read_text()) or {}
     try:
         stats = StatsParams.model_validate(raw.get("stats"))
     except Exception as exc:
-        print(f"{args.params}: the `stats` section is invalid: {exc}", file=sys.stderr)
-        return 2
+        return refuse(f"{args.params}: the `stats` section is invalid: {exc}")
     if not args.table.is_file():
-        print(f"--table {args.table}: no such file", file=sys.stderr)
-        return 2
-    table = pd.read_parquet(args.table) if args.table.suffix == ".parquet" else pd.read_csv(args.table)
+        return refuse(f"--table {args.table}: no such file")
+    try:
+        table = pd.read_parquet(args.table) if args.table.suffix == ".parquet" else pd.read_csv(args.table)
+    except (ValueError, OSError) as exc:  # pandas' EmptyDataError / ParserError and pyarrow's errors are ValueErrors
+        return refuse(f"--table {args.table}: not a readable CSV or parquet table: {exc}")
+    try:
+        check_replaceable(args.out, REGRESS_MANIFEST)
+    except OutputError as exc:
+        return refuse(f"--out {exc}; choose a new --out or empty it")
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    calibration = [p.strip() for p in args.calibration.split(",")] if args.calibration else None
     settings = settings_from_params(
         stats, seed=args.seed if args.seed is not None else int(raw.get("seed", 0)), primary_layer=args.primary_layer,
-        calibration=args.calibration.split(",") if args.calibration else None, tokenizer=tokenizer,
-        reference_persona=args.reference,
+        calibration=calibration, tokenizer=tokenizer, reference_persona=args.reference,
+        fit_reference=True if args.include_reference else None,
     )  # fmt: skip
     try:
         metrics, plot_data = regress_table(table, settings)
     except TableError as exc:
-        print(f"--table {args.table}: {exc}", file=sys.stderr)
-        return 2
+        return refuse(f"--table {args.table}: {exc}")
+    except SettingsError as exc:
+        return refuse(str(exc))
     with atomic_path(args.out) as out:
         out.mkdir()
         (out / "metrics.json").write_text(json_text(metrics))
@@ -83,6 +103,7 @@ def regress_command(args: argparse.Namespace) -> int:
         plots.hero_scatter(plot_data["scatter"], out / "scatter", primary, settings.reference_persona)
         plots.rho_by_layer(plot_data["rho_by_layer"], out / "rho_by_layer", metrics["n_personas"], stats.alpha)
         plots.forest_plot(plot_data["rates"], out / "rates_forest")
+        write_manifest(out, REGRESS_MANIFEST)
     gates = metrics["gates"]
     layer = metrics["layers"][str(primary)]
     print(
@@ -104,11 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("path", type=Path, nargs="?", default=Path("params.yaml"))
     regress = sub.add_parser("regress", help="the S1 statistics suite on a (persona, layer) table")
     regress.add_argument("--table", type=Path, required=True, help="CSV or parquet: persona, category, layer, ...")
-    regress.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plot data, figures")
+    regress.add_argument(
+        "--out", type=Path, required=True,
+        help="folder for metrics.json, plot data, figures; refused if it holds files a previous run did not write",
+    )  # fmt: skip
     regress.add_argument("--primary-layer", type=int, help="default: the only or the middle layer")
     regress.add_argument("--calibration", help="comma-separated personas to fit on; the others are predicted")
     regress.add_argument("--seed", type=int, help="default: params.yaml's seed")
     regress.add_argument("--reference", help="reference persona (default: stats.reference_persona)")
+    regress.add_argument(
+        "--include-reference", action="store_true",
+        help="keep the reference persona (cosine 1) in every fit, as the lab's published fits do "
+        "(default: stats.fit_reference, false: left out)",
+    )  # fmt: skip
     regress.add_argument("--tokenizer", help="a tokenizer folder for the BPE-Jaccard baseline (e.g. models/base)")
     regress.add_argument("--params", type=Path, default=Path("params.yaml"), help="thresholds: its `stats` section")
     args = parser.parse_args(argv)
@@ -120,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
     elif args.command == "params":
-        compose_params(args.out, args.overrides)
+        from dvc.exceptions import DvcException
+
+        try:
+            compose_params(args.out, args.overrides)
+        except DvcException as exc:
+            print(exc, file=sys.stderr)
+            return 2
     elif args.command == "regress":
         return regress_command(args)
     elif args.command == "check-params":

@@ -7,7 +7,8 @@ optionally ``prompt_tokens`` (system-prompt length, for the length controls), ``
 system prompt, for the string baselines) and ``inherited`` (bool: the persona was in the smaller
 panel, for the inherited-vs-new split). ``cosine`` is the persona centroid's cosine to the
 reference persona's; ``fired / n`` is the persona's own fire rate as a source. The reference
-persona's own row (cosine 1 by construction) is left out of every fit and named in the metrics.
+persona's own row (cosine 1 by construction) must be in the table; it is left out of every fit and
+named in ``excluded``, unless ``fit_reference`` keeps it in (the lab's published convention).
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ from personaspace.stats.undefined import replace_non_finite
 
 REQUIRED_COLUMNS = ("persona", "category", "layer", "cosine", "fired", "n")
 OPTIONAL_COLUMNS = ("prompt_tokens", "prompt", "inherited")
+PERSONA_COLUMNS = ("category", "fired", "n", "prompt_tokens", "prompt", "inherited")  # the same in every layer
+FLAGS = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
+SELF_COSINE_TOLERANCE = 1e-4  # cosines computed in float32 put a self-cosine a few 1e-7 off 1
 
 
 class TableError(ValueError):
     """The regression table is malformed; the message names the row or column."""
+
+
+class SettingsError(ValueError):
+    """A setting (reference, calibration, primary layer) does not fit the table; the message names the option."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class RegressSettings:
     primary_layer: int | None = None
     calibration: Sequence[str] | None = None
     tokenizer: Any = None  # for the BPE-Jaccard baseline; None leaves it out with a reason
+    fit_reference: bool = False  # keep the reference persona's row in the fits (the lab's published convention)
 
 
 def settings_from_params(
@@ -73,8 +82,9 @@ def settings_from_params(
     calibration: Sequence[str] | None = None,
     tokenizer: Any = None,
     reference_persona: str | None = None,
+    fit_reference: bool | None = None,
 ) -> RegressSettings:
-    """RegressSettings from params.yaml's ``stats`` section (a StatsParams) and the run's choices."""
+    """RegressSettings from params.yaml's ``stats`` section (a StatsParams) and the run's choices (None: the param)."""
     return RegressSettings(
         reference_persona=reference_persona or stats.reference_persona,
         level=stats.ci_level,
@@ -90,59 +100,133 @@ def settings_from_params(
         primary_layer=primary_layer,
         calibration=list(calibration) if calibration else None,
         tokenizer=tokenizer,
+        fit_reference=stats.fit_reference if fit_reference is None else fit_reference,
     )
 
 
+def _first(bad: pd.Series) -> int:
+    return int(np.argmax(bad.to_numpy()))
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def validate_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Check the table's contract; raise TableError naming the first bad column or row."""
+    """Check the table's contract; raise TableError naming the first bad column or row.
+
+    Nothing is coerced silently: a fractional layer or count, a true/false count or an unreadable
+    ``inherited`` flag is an error, not a truncation. Rows are named by position (0 = first data row).
+    """
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise TableError(f"missing column(s) {missing}; the table needs {list(REQUIRED_COLUMNS)}")
     unknown = [c for c in table.columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if unknown:
         raise TableError(f"unknown column(s) {unknown}; allowed: {list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-    numeric = ["layer", "cosine", "fired", "n"] + (["prompt_tokens"] if "prompt_tokens" in table else [])
+    if table.empty:
+        raise TableError("the table has no rows (only a header?); it needs one row per (persona, layer)")
+    table = table.reset_index(drop=True)
     for column in table.columns:
         bad = table[column].isna()
         if bad.any():
-            raise TableError(f"row {int(np.argmax(bad.to_numpy()))}: column {column!r} is empty or NaN")
+            raise TableError(f"row {_first(bad)}: column {column!r} is empty or NaN")
+    numeric = ["layer", "cosine", "fired", "n"] + (["prompt_tokens"] if "prompt_tokens" in table else [])
+    converted = {}
     for column in numeric:
+        # pandas reads True/False as 1/0 without complaint; a count or layer is never a flag
+        flags = table[column].map(lambda v: isinstance(v, bool | np.bool_))
+        if flags.any():
+            raise TableError(f"row {_first(flags)}: column {column!r} holds true/false, not a number")
         values = pd.to_numeric(table[column], errors="coerce")
         if values.isna().any():
-            raise TableError(f"row {int(np.argmax(values.isna().to_numpy()))}: column {column!r} is not a number")
-    table = table.astype({"layer": int, "cosine": float, "fired": float, "n": float})
+            raise TableError(f"row {_first(values.isna())}: column {column!r} is not a number")
+        converted[column] = values.astype(float)
+    table = table.assign(**converted)
     checks = [
-        (table["n"] <= 0, "n must be a positive count"),
-        (table["fired"] < 0, "fired must be >= 0"),
-        (table["fired"] > table["n"], "fired must be <= n"),
-        ((table["cosine"] < -1 - 1e-9) | (table["cosine"] > 1 + 1e-9), "cosine must be within [-1, 1]"),
-        ((table["fired"] % 1 != 0) | (table["n"] % 1 != 0), "fired and n must be whole counts"),
+        ("layer", table["layer"] % 1 != 0, "layer must be a whole number"),
+        ("n", table["n"] <= 0, "n must be a positive count"),
+        ("fired", table["fired"] < 0, "fired must be >= 0"),
+        ("fired", table["fired"] > table["n"], "fired must be <= n"),
+        ("cosine", (table["cosine"] < -1 - 1e-9) | (table["cosine"] > 1 + 1e-9), "cosine must be within [-1, 1]"),
+        ("fired", table["fired"] % 1 != 0, "fired must be a whole count"),
+        ("n", table["n"] % 1 != 0, "n must be a whole count"),
     ]
-    for bad, message in checks:
+    if "prompt_tokens" in table:
+        tokens = table["prompt_tokens"]
+        checks.append(("prompt_tokens", (tokens < 0) | (tokens % 1 != 0), "prompt_tokens must be a whole count >= 0"))
+    for column, bad, message in checks:
         if bad.any():
-            raise TableError(f"row {int(np.argmax(bad.to_numpy()))}: {message}")
+            row = _first(bad)
+            raise TableError(f"row {row}: {message}, got {_number(table[column].iloc[row])}")
+    table["layer"] = table["layer"].astype(int)
+    if "inherited" in table:
+        flags = table["inherited"].map(lambda v: FLAGS.get(str(v).strip().lower()))
+        if flags.isna().any():
+            row = _first(flags.isna())
+            raise TableError(f"row {row}: inherited must be true or false, got {table['inherited'].iloc[row]!r}")
+        table["inherited"] = flags.astype(bool)
     twice = table.duplicated(["persona", "layer"])
     if twice.any():
-        row = int(np.argmax(twice.to_numpy()))
+        row = _first(twice)
         raise TableError(
             f"row {row}: persona {table['persona'].iloc[row]!r} appears twice in layer {table['layer'].iloc[row]}"
         )
-    per_persona = table.groupby("persona")[["category", "fired", "n"]].nunique()
+    per_persona = table.groupby("persona", sort=False)[[c for c in PERSONA_COLUMNS if c in table]].nunique()
     inconsistent = per_persona[(per_persona > 1).any(axis=1)]
     if len(inconsistent):
-        raise TableError(f"persona {inconsistent.index[0]!r}: category, fired and n must be the same in every layer")
+        persona = inconsistent.index[0]
+        columns = [c for c in inconsistent.columns if inconsistent.loc[persona, c] > 1]
+        raise TableError(
+            f"persona {persona!r}: {', '.join(columns)} differs between layers (a property of the persona, "
+            "the same in every layer)"
+        )
     counts = table.groupby("layer")["persona"].nunique()
     if (counts < 3).any():
         raise TableError(f"layer {int(counts.idxmin())}: needs at least 3 personas, has {int(counts.min())}")
     return table
 
 
+def check_settings(table: pd.DataFrame, settings: RegressSettings) -> None:
+    """The reference and calibration personas must be the table's (a typo would change the fit silently).
+
+    ``table`` is a validated table; raises SettingsError naming the option, the value and the choices.
+    """
+    personas = sorted(table["persona"].unique().tolist(), key=str)
+    available = ", ".join(map(str, personas))
+    reference = settings.reference_persona
+    option = "--reference (default: stats.reference_persona)"
+    if reference not in personas:
+        raise SettingsError(f"{option} {reference!r} is not a persona of the table; its personas: {available}")
+    own = table[table["persona"] == reference]
+    off = own[(own["cosine"] - 1).abs() > SELF_COSINE_TOLERANCE]
+    if len(off):
+        # the cosines are to the persona whose own cosine is 1: name it, so the fix is obvious
+        ones = table.groupby("persona")["cosine"].apply(lambda c: bool(((c - 1).abs() <= SELF_COSINE_TOLERANCE).all()))
+        hint = f" (cosine 1 in every layer: {', '.join(map(str, ones[ones].index))})" if ones.any() else ""
+        raise SettingsError(
+            f"{option} {reference!r} has cosine {_number(off['cosine'].iloc[0])} in layer {off['layer'].iloc[0]}, "
+            f"not 1: the table's cosines are to another persona{hint}"
+        )
+    if settings.calibration:
+        unknown = [p for p in settings.calibration if p not in personas]
+        if unknown:
+            raise SettingsError(
+                f"--calibration names persona(s) not in the table: {', '.join(map(repr, unknown))}; "
+                f"its personas: {available}"
+            )
+        if reference in settings.calibration and not settings.fit_reference:
+            raise SettingsError(
+                f"--calibration names the reference persona {reference!r}, which is left out of the fits; "
+                "drop it, or keep the reference in the fits (--include-reference, stats.fit_reference)"
+            )
+    layers = sorted(table["layer"].unique().tolist())
+    if settings.primary_layer is not None and settings.primary_layer not in layers:
+        raise SettingsError(f"--primary-layer {settings.primary_layer} is not in the table's layers {layers}")
+
+
 def _primary_layer(layers: list[int], requested: int | None) -> int:
-    if requested is None:
-        return layers[len(layers) // 2]
-    if requested not in layers:
-        raise TableError(f"--primary-layer {requested} is not in the table's layers {layers}")
-    return requested
+    return layers[len(layers) // 2] if requested is None else requested
 
 
 def _rates(per_persona: pd.DataFrame, level: float) -> dict[str, Any]:
@@ -211,7 +295,11 @@ def _layer_metrics(layer: pd.DataFrame, settings: RegressSettings, reference_pro
             out["holdout"] = dict(zip(hold["persona"], predictions, strict=True))
         else:
             out.update(undefined("holdout", "needs >= 3 calibration personas with varying cosine and a holdout"))
-    if "prompt_tokens" in layer:
+    if "prompt_tokens" in layer and (layer["prompt_tokens"] == 0).any():
+        # a persona sent with no system prompt has 0 tokens, and log 0 is undefined (it used to crash the SVD)
+        reason = "log prompt tokens is undefined: a persona has 0 prompt tokens (no system prompt)"
+        out.update(undefined(["length_partial_spearman", "vif", "multi_partial_spearman"], reason))
+    elif "prompt_tokens" in layer:
         frame = pd.DataFrame(
             {"cosine": x, "rate": y, "log_prompt_tokens": np.log(layer["prompt_tokens"].astype(float))}
         )
@@ -241,14 +329,18 @@ def _layer_metrics(layer: pd.DataFrame, settings: RegressSettings, reference_pro
 
 
 def regress_table(table: pd.DataFrame, settings: RegressSettings) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
-    """Metrics (nested, JSON-ready) and plot-data tables for a validated (persona, layer) table."""
+    """Metrics (nested, JSON-ready) and plot-data tables for a (persona, layer) table.
+
+    Raises TableError (malformed table) or SettingsError (a setting the table cannot honour) before computing.
+    """
     table = validate_table(table)
+    check_settings(table, settings)
     per_persona = table.drop_duplicates("persona").set_index("persona")
     reference_prompt = None
-    if settings.reference_persona in per_persona.index and "prompt" in per_persona:
+    if "prompt" in per_persona:
         reference_prompt = str(per_persona.loc[settings.reference_persona, "prompt"])
-    fit_rows = table[table["persona"] != settings.reference_persona].copy()
-    fit_rows["rate"] = fit_rows["fired"] / fit_rows["n"]
+    fit_rows = table if settings.fit_reference else table[table["persona"] != settings.reference_persona]
+    fit_rows = fit_rows.assign(rate=fit_rows["fired"] / fit_rows["n"])
     layers = sorted(fit_rows["layer"].unique().tolist())
     if fit_rows.groupby("layer")["persona"].nunique().min() < 3:
         raise TableError("needs at least 3 personas besides the reference persona in every layer")
@@ -256,7 +348,8 @@ def regress_table(table: pd.DataFrame, settings: RegressSettings) -> tuple[dict[
     metrics: dict[str, Any] = {
         "n_personas": int(fit_rows["persona"].nunique()),
         "reference_persona": settings.reference_persona,
-        "excluded": [settings.reference_persona] if settings.reference_persona in per_persona.index else [],
+        "reference_in_fit": settings.fit_reference,
+        "excluded": [] if settings.fit_reference else [settings.reference_persona],
         "primary_layer": primary,
         "rates": _rates(per_persona, settings.level),
         "layers": {},
