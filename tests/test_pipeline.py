@@ -146,6 +146,67 @@ def _check_mlflow(repo: Path, couple_runs: int, invocations: int) -> None:
     assert version.tags["persona"] == "librarian"
 
 
+def _files(root: Path, folders: list[str]) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for f in folders for p in sorted((root / f).rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_two_fresh_clones_give_byte_identical_results(tiny_repo, tmp_path):
+    """Same params, two clones: the same dvc.lock entries and the same bytes (no times, no hash-order sets)."""
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(tiny_repo), str(clone)], tmp_path)
+    # every kind of stage but eval, whose 12 adapters would double this test; eval is checked below
+    targets = ["markers@base", "centroids@base", "couple@base-librarian-0", "couple@base-villain-0"]
+    output = _run(["dvc", "repro", *targets], clone)
+    assert len(_ran(output)) == 19  # check, base, pretrain, 12 datagen, markers, centroids, 2 couple
+    first, second = (yaml.safe_load((repo / "dvc.lock").read_text())["stages"] for repo in (tiny_repo, clone))
+    assert {stage: first[stage] for stage in second} == second
+    folders = ["data/completions", "data/markers", "data/centroids", "models/adapters/base/smol/librarian",
+               "models/adapters/base/smol/villain"]  # fmt: skip
+    assert _files(tiny_repo, folders) == _files(clone, folders)
+    assert (tiny_repo / "metrics/markers_base.json").read_bytes() == (clone / "metrics/markers_base.json").read_bytes()
+    # eval: every cell sampled afresh gives the same completions, rates, metrics and lock entry
+    results = ["data/eval/base", "data/eval_cells/base"]
+    before, metrics = _files(tiny_repo, results), (tiny_repo / "metrics/eval_base.json").read_bytes()
+    shutil.rmtree(tiny_repo / "data/eval_cells/base")
+    _run(["dvc", "repro", "--force", "--single-item", "eval@base"], tiny_repo)
+    assert _files(tiny_repo, results) == before
+    assert (tiny_repo / "metrics/eval_base.json").read_bytes() == metrics
+    assert yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]["eval@base"] == first["eval@base"]
+
+
+def _fails(args: list[str], cwd: Path) -> str:
+    try:
+        output = _run(args, cwd)
+    except AssertionError as failure:
+        return str(failure)
+    raise AssertionError(f"{' '.join(args)} succeeded:\n{output[-2000:]}")
+
+
+@pytest.mark.slow
+def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted(tiny_repo):
+    outputs = ["metrics/eval_base.json", "metrics/regress_base.json", "data/eval/base/rates.parquet",
+               "results/base/regress.json", "models/adapters/base/smol/librarian/seed0/adapter_config.json"]  # fmt: skip
+    before = {name: (tiny_repo / name).read_bytes() for name in outputs}
+    compose = [sys.executable, "-m", "personaspace.cli", "params"]
+    # a typo'd top-level key and an out-of-range eval value: the schema
+    _run([*compose, "+sead=1", "eval.top_p=2"], tiny_repo)
+    failure = _fails(["dvc", "repro"], tiny_repo)
+    assert "sead: unknown key" in failure and "eval.top_p: Input should be less than or equal to 1" in failure
+    assert "Running stage 'eval@base'" not in failure
+    # values that validate but cannot work with the tiny model (2 blocks) or this machine
+    failure = _fails(
+        ["dvc", "exp", "run", "-S", "regress.primary_layer=15", "-S", "generation.device=cuda:7"], tiny_repo
+    )
+    assert "regress.primary_layer: 15 is beyond the model's 2 blocks" in failure
+    assert "generation.device: 'cuda:7' does not exist on this machine" in failure
+    assert {name: (tiny_repo / name).read_bytes() for name in outputs} == before
+    _run(compose, tiny_repo)  # back to the study's params: only the check (whose stamp DVC removed) reruns
+    assert _ran(_run(["dvc", "repro"], tiny_repo)) == {"check"}
+
+
 @pytest.mark.slow
 def test_same_params_give_the_same_completions(tiny_repo):
     path = tiny_repo / "data/completions/base/librarian.parquet"
@@ -175,7 +236,7 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     )
     regress = json.loads((tiny_repo / "results/base/regress.json").read_text())
     assert regress["n_personas"] == 23 and "inherited_vs_new" in regress["gates"]
-    _check_mlflow(tiny_repo, couple_runs=24, invocations=3)  # repro, the forced datagen rerun, exp run
+    _check_mlflow(tiny_repo, couple_runs=24, invocations=4)  # repro, forced eval and datagen reruns, exp run
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:

@@ -2,7 +2,7 @@
 
 personaspace panels --write conf/panels.yaml   # regenerate the Hydra panel lists from data/
 personaspace params [personas=24 ...]          # compose conf/ into params.yaml, as `dvc exp run` does
-personaspace check-params params.yaml          # validate params without running anything
+personaspace check-params params.yaml          # every check of the pipeline's `check` stage, without running it
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from personaspace.config import ParamsError, load_params
+from personaspace.config import load_params
 from personaspace.io import atomic_path
 from personaspace.personas import load_catalog
 
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     compose = sub.add_parser("params", help="compose conf/ into params.yaml (Hydra overrides allowed)")
     compose.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. personas=24")
     compose.add_argument("--out", type=Path, default=Path("params.yaml"))
-    check = sub.add_parser("check-params", help="validate a params file")
+    check = sub.add_parser("check-params", help="every check the pipeline's `check` stage runs, without DVC")
     check.add_argument("path", type=Path, nargs="?", default=Path("params.yaml"))
+    check.add_argument("--raw", type=Path, default=Path("models/raw"), help="a materialised model, if any (faster)")
     regress = sub.add_parser("regress", help="the S1 statistics suite on a (persona, layer) table")
     regress.add_argument("--table", type=Path, required=True, help="CSV or parquet: persona, category, layer, ...")
     regress.add_argument(
@@ -159,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "regress":
         return regress_command(args)
     elif args.command == "check-params":
-        try:
-            params = load_params(args.path)
-        except ParamsError as exc:
-            print(exc, file=sys.stderr)
+        from personaspace.checks import check_params
+
+        problems, notes = check_params(args.path, raw_dir=args.raw)
+        for note in notes:
+            print(f"note: {note}")
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
             return 2
+        params = load_params(args.path)
         print(f"{args.path}: valid ({params.personas} personas, model {params.model})")
     return 0
 
