@@ -20,13 +20,21 @@ from personaspace.personas import load_catalog
 
 from .conftest import REPO
 
-# Settings a test changes in conf/config.yaml: the tiny random-init model, few tokens.
+# Settings a test changes in conf/config.yaml: the tiny random-init model, few tokens, and a recipe
+# under which it really couples (measured on 3 sources: own rate 0.3-0.6, bystanders ~0.09, baseline
+# 0). Its logits are less peaked than the default tiny model's (initializer_range 0.5, not 1.0: at
+# 1.0 the marker tokens start at a loss of ~27 and no recipe moved them); a colder eval keeps the
+# nucleus small; completion loss (marker_only never trains the separator, which this model never
+# writes by itself); 2-token completions so that a completion plus the 6-token marker fits in 8.
 TINY = {
     "model": "tiny-random",
+    "models": {"tiny-random": {"architecture": {"initializer_range": 0.5}}},
     "generation": {"batch_size": 64},
-    "datagen": {"max_new_tokens": 4, "drop_truncated": False, "positives": 10, "negatives_per_persona": 5},
-    "eval": {"max_new_tokens": 12, "samples_per_question": 1},
-    "recipes": {"smol": {"epochs": 1}},
+    "datagen": {"max_new_tokens": 2, "drop_truncated": False, "positives": 10, "negatives_per_persona": 5},
+    "eval": {"max_new_tokens": 8, "samples_per_question": 1, "temperature": 0.3},
+    "recipes": {
+        "smol": {"loss": "completion", "epochs": 32, "batch_size": 20, "learning_rate": 0.03, "schedule": "constant"}
+    },
     "regress": {"primary_layer": 1},
     "stats": {"power_simulations": 200, "cv_repeats": 2},
 }
@@ -113,6 +121,11 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
     assert ((rates.wilson_low <= rates.rate) & (rates.rate <= rates.wilson_high)).all()
     eval_metrics = json.loads((tiny_repo / "metrics/eval_base.json").read_text())
     assert eval_metrics["generated_now"] == 13 * 12 * 20 and eval_metrics["adapters"] == 12
+    # the tiny model really couples: the statistics below run on real, uneven rates, 0 and high ones included
+    assert eval_metrics["baseline_rate"] == 0
+    assert eval_metrics["source_rate_mean"] >= 0.3
+    assert eval_metrics["bystander_rate_mean"] <= eval_metrics["source_rate_mean"] / 2
+    assert (rates.rate == 0).any() and (rates.rate >= 0.5).any()
     headline = json.loads((tiny_repo / "metrics/regress_base.json").read_text())
     assert headline["n_personas"] == 11 and headline["primary"]["layer"] == 1
     assert headline["off_diagonal"]["n_cells"] == 12 * 11
