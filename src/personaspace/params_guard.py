@@ -78,6 +78,12 @@ def hand_edit_report(path: Path | str) -> str | None:
     record = data.get(KEY) if isinstance(data, dict) else None
     if isinstance(record, Mapping) and record.get("sha256") == params_digest(data):
         return None
+    if not isinstance(record, Mapping):
+        return (
+            f"{path.name} has no composition record ({KEY}.sha256): it was written by hand or by an older "
+            "personaspace, and `dvc exp run` would recompose it from conf/, discarding anything set only here. "
+            "Put such settings in conf/config.yaml, then delete it and run `make params`."
+        )
     lines = [f"{path.name} was edited by hand: it no longer matches the composition of conf/ recorded in it "
              f"({KEY}.sha256), and `dvc exp run` recomposes it from conf/, discarding the edit."]  # fmt: skip
     old = _committed(path)
