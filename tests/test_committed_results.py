@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,28 @@ def test_stale_dependencies_ignores_missing_outputs_but_not_code_or_params():
     }
     stale = stale_dependencies(status, {"stages/regress.py", "src/personaspace/train.py"})
     assert stale == {"regress@base": ["stages/regress.py modified", "params.yaml:stats modified"]}
+
+
+def test_metric_keys_are_unique_across_metrics_files_so_dvc_exp_show_needs_no_prefixes():
+    def flat(data: dict, prefix: str = "") -> set[str]:
+        keys: set[str] = set()
+        for key, value in data.items():
+            keys |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        return keys
+
+    seen: dict[str, str] = {}
+    for path in sorted((REPO / "metrics").glob("*.json")):
+        for key in flat(json.loads(path.read_text())):
+            assert key not in seen, f"{key} is in both {seen[key]} and {path.name}"
+            seen[key] = path.name
+
+
+def test_the_readmes_dvc_exp_show_command_shows_every_column_it_keeps():
+    readme = (REPO / "README.md").read_text()
+    keep = readme.split("dvc exp show --md --drop '.*' --keep '", 1)[1].split("'", 1)[0]
+    args = ["exp", "show", "--md", "--drop", ".*", "--keep", keep]
+    result = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    header = [c.strip() for c in result.stdout.splitlines()[0].strip("|").split("|")]
+    for pattern in keep.split("|"):
+        assert any(re.fullmatch(f".*{pattern}", column) for column in header), f"no column for {pattern!r}: {header}"
