@@ -4,9 +4,9 @@
 
 DVC removes a stage's outputs just before it runs the stage's command, so a value that fails only
 inside a stage (or only later, in a stage that never reran) costs outputs. This stage depends on
-the whole of params.yaml and conf/, and `base` (upstream of every other stage) depends on its
-output, so any params change runs it first: the schema and catalog checks of every stage, the
-composition of conf/ (hand edits that `dvc exp run` would discard), the devices, and the model's
+the whole of params.yaml (and the code and catalog it checks with), and `base` (upstream of every other stage) depends on its
+output, so any params change runs it first: the schema and catalog checks of every stage, hand
+edits (params.yaml no longer matching the digest its composition recorded), the devices, and the model's
 depth and tokens (personaspace.checks). On failure it prints every problem with its fix and exits
 2, and DVC stops there. Its output is a constant stamp, so a passing check reruns nothing else.
 """

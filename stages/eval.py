@@ -114,12 +114,12 @@ def main() -> None:
         numbers = {k: v for k, v in summary.items() if isinstance(v, int | float) and v is not None}
         mlflow.log_metrics(numbers | timing)
         log_to_parent({k: numbers[k] for k in HEADLINE if k in numbers}, {})
-        record_timing(args.timings, os.environ.get("DVC_STAGE", f"eval@{args.condition}"), timing)
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             completions.to_parquet(tmp / "completions.parquet", index=False)
             rates.to_parquet(tmp / "rates.parquet", index=False)
         write_json(summary, args.metrics)
+        record_timing(args.timings, os.environ.get("DVC_STAGE", f"eval@{args.condition}"), timing)
     print(json.dumps({k: v for k, v in summary.items() if k != "source_rates"} | timing))
 
 

@@ -80,11 +80,12 @@ def test_dvc_exp_run_refuses_to_discard_a_hand_edit_of_params_yaml(composed_repo
     assert hand_edit_report(path) is None  # the composed file carries its own digest
 
 
-def test_plain_dvc_repro_refuses_a_hand_edit_in_the_check_stage(composed_repo, tmp_path):
+def test_the_check_stage_refuses_a_hand_edit_that_plain_dvc_repro_would_run(composed_repo):
     path = composed_repo / "params.yaml"
     path.write_text(path.read_text().replace("seed: 0", "seed: 3", 1))
-    problems, _ = check_params(path)
-    assert len(problems) == 1 and "seed: 0 -> 3" in problems[0]
+    result = _run([sys.executable, str(REPO / "stages/check.py"), "--out", "stamp.json"], composed_repo)
+    assert result.returncode == 2 and "seed: 0 -> 3" in result.stderr and "-S 'seed=3'" in result.stderr
+    assert not (composed_repo / "stamp.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -96,6 +97,7 @@ def test_plain_dvc_repro_refuses_a_hand_edit_in_the_check_stage(composed_repo, t
         ({"couple": {"seeds": [True]}}, "couple.seeds.0: Input should be a valid integer"),
         ({"generation": {"device": "gpu0"}}, "generation.device: String should match pattern"),
         ({"regress": {"primary_layer": 0}}, "regress.primary_layer: Input should be greater than or equal to 1"),
+        ({"regress": {"calibration": ["helpful_assistant", "villain"]}}, "names the reference persona"),
     ],
 )
 def test_params_are_checked_strictly_without_coercion(raw_params, edit, message):

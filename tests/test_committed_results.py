@@ -1,4 +1,4 @@
-"""The committed dvc.lock, metrics and README numbers come from the committed code and params."""
+"""The committed dvc.lock, metrics and plot data come from the committed code and params."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ def _tracked_files() -> set[str]:
 
 
 def stale_dependencies(status: dict, tracked: set[str]) -> dict[str, list[str]]:
-    """Per stage, the code, catalog and params dependencies that changed since dvc.lock was written.
+    """Per stage, what changed since dvc.lock was written: code, catalog, params, committed outputs.
 
     Missing DVC outputs (a fresh clone has no cache) are not staleness; a git-tracked dependency
-    that is modified or new, a changed param, or a changed command is.
+    that is modified or new, a changed param, a changed command, or a git-tracked output (metrics,
+    plot data) whose content differs from the lock's hash is.
     """
     stale: dict[str, list[str]] = {}
     for stage, changes in status.items():
@@ -32,6 +33,9 @@ def stale_dependencies(status: dict, tracked: set[str]) -> dict[str, list[str]]:
                 if isinstance(state, dict):  # params: {key: modified|new|deleted}
                     stale.setdefault(stage, []).extend(f"{path}:{key} {how}" for key, how in state.items())
                 elif path in tracked or any(t.startswith(f"{path}/") for t in tracked):
+                    stale.setdefault(stage, []).append(f"{path} {state}")
+            for path, state in change.get("changed outs", {}).items():
+                if path in tracked and state == "modified":  # a metrics or plot file not from this lock's run
                     stale.setdefault(stage, []).append(f"{path} {state}")
             if "changed command" in change:
                 stale.setdefault(stage, []).append("command")
@@ -60,12 +64,19 @@ def test_stale_dependencies_ignores_missing_outputs_but_not_code_or_params():
                     "params.yaml": {"stats": "modified"},
                 }
             },
-            {"changed outs": {"results/base": "not in cache"}},
+            {"changed outs": {"results/base": "not in cache", "metrics/regress_base.json": "modified"}},
         ],
         "couple@base-librarian-0": [{"changed deps": {"models/base": "deleted"}}],
     }
-    stale = stale_dependencies(status, {"stages/regress.py", "src/personaspace/train.py"})
-    assert stale == {"regress@base": ["stages/regress.py modified", "params.yaml:stats modified"]}
+    tracked = {"stages/regress.py", "src/personaspace/train.py", "metrics/regress_base.json"}
+    stale = stale_dependencies(status, tracked)
+    assert stale == {
+        "regress@base": [
+            "stages/regress.py modified",
+            "params.yaml:stats modified",
+            "metrics/regress_base.json modified",
+        ]
+    }
 
 
 def test_metric_keys_are_unique_across_metrics_files_so_dvc_exp_show_needs_no_prefixes():

@@ -188,6 +188,11 @@ def test_two_fresh_clones_give_byte_identical_results(tiny_repo, tmp_path):
     assert _files(tiny_repo, results) == before
     assert (tiny_repo / "metrics/eval_base.json").read_bytes() == metrics
     assert yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]["eval@base"] == first["eval@base"]
+    # regress: the same statistics and figures (no creation date in the PDFs)
+    figures = ["results/base", "figures/base", "plots/base"]
+    before = _files(tiny_repo, figures)
+    _run(["dvc", "repro", "--force", "--single-item", "regress@base"], tiny_repo)
+    assert _files(tiny_repo, figures) == before
 
 
 def _fails(args: list[str], cwd: Path) -> str:
@@ -210,11 +215,14 @@ def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted
     assert "sead: unknown key" in failure and "eval.top_p: Input should be less than or equal to 1" in failure
     assert "Running stage 'eval@base'" not in failure
     # values that validate but cannot work with the tiny model (2 blocks) or this machine
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"
     failure = _fails(
-        ["dvc", "exp", "run", "-S", "regress.primary_layer=15", "-S", "generation.device=cuda:7"], tiny_repo
+        ["dvc", "exp", "run", "-S", "regress.primary_layer=15", "-S", f"generation.device={missing}"], tiny_repo
     )
     assert "regress.primary_layer: 15 is beyond the model's 2 blocks" in failure
-    assert "generation.device: 'cuda:7' does not exist on this machine" in failure
+    assert f"generation.device: {missing!r} does not exist on this machine" in failure
     assert {name: (tiny_repo / name).read_bytes() for name in outputs} == before
     _run(compose, tiny_repo)  # back to the study's params: only the check (whose stamp DVC removed) reruns
     assert _ran(_run(["dvc", "repro"], tiny_repo)) == {"check"}
@@ -241,7 +249,7 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     )
     regress = json.loads((tiny_repo / "results/base/regress.json").read_text())
     assert regress["n_personas"] == 23 and "inherited_vs_new" in regress["gates"]
-    _check_mlflow(tiny_repo, couple_runs=24, invocations=3)  # repro, the forced eval rerun, exp run
+    _check_mlflow(tiny_repo, couple_runs=24, invocations=4)  # repro, forced eval and regress reruns, exp run
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:

@@ -10,8 +10,8 @@ persona catalog. What it cannot know needs the model, the machine or conf/:
 - the marker's length in the model's tokens: an eval budget shorter than the marker (or than a
   trained-length completion plus its marker) can never fire;
 - the devices: ``generation.device`` must exist on this machine;
-- conf/: params.yaml must be the composition of conf/ (plus the overrides recorded in it), since
-  ``dvc exp run`` recomposes params.yaml and would silently discard a hand edit.
+- hand edits: params.yaml must still match the digest its composition recorded
+  (``params_guard``), since ``dvc exp run`` recomposes params.yaml and would discard an edit.
 
 DVC deletes a stage's outputs just before running it, so these run in the first stage of the
 pipeline (``check``, which depends on the whole of params.yaml), where a failure deletes nothing.

@@ -81,12 +81,15 @@ def regress_command(args: argparse.Namespace) -> int:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as exc:
+            return refuse(f"--tokenizer {args.tokenizer}: not a tokenizer folder ({exc})")
     calibration = [p.strip() for p in args.calibration.split(",")] if args.calibration else None
     settings = settings_from_params(
         stats, seed=args.seed if args.seed is not None else int(raw.get("seed", 0)), primary_layer=args.primary_layer,
         calibration=calibration, tokenizer=tokenizer, reference_persona=args.reference,
-        fit_reference=True if args.include_reference else None,
+        fit_reference=args.include_reference,
     )  # fmt: skip
     try:
         metrics, plot_data = regress_table(table, settings)
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     regress.add_argument("--seed", type=int, help="default: params.yaml's seed")
     regress.add_argument("--reference", help="reference persona (default: stats.reference_persona)")
     regress.add_argument(
-        "--include-reference", action="store_true",
+        "--include-reference", action=argparse.BooleanOptionalAction, default=None,
         help="keep the reference persona (cosine 1) in every fit, as the lab's published fits do "
         "(default: stats.fit_reference, false: left out)",
     )  # fmt: skip

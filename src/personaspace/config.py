@@ -206,7 +206,9 @@ class Params(_Strict):
     """The whole of params.yaml."""
 
     composed: dict[str, str] = Field(
-        alias="_composed", description="written by composition: the digest that catches hand edits (params_guard)"
+        default_factory=dict,
+        alias="_composed",
+        description="written by composition: the digest that catches hand edits (params_guard reports a missing one)",
     )
     seed: int = Field(description="study seed; every random choice derives its seed from it and stable ids")
     personas: int = Field(description="panel size: 12, 24 or 48")
@@ -310,6 +312,11 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
     for name in p.regress.calibration:
         if name not in p.panel:
             errors.append(f"regress.calibration: {name!r} is not in the panel; list panel members")
+    if p.stats.reference_persona in p.regress.calibration and not p.stats.fit_reference:
+        errors.append(
+            f"regress.calibration: names the reference persona {p.stats.reference_persona!r}, which is left out "
+            "of the fits (stats.fit_reference: false); remove it or set stats.fit_reference: true"
+        )
     if not p.conditions:
         errors.append("conditions: empty; use [base]")
     if len(set(p.conditions)) != len(p.conditions):

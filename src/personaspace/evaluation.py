@@ -29,7 +29,8 @@ from personaspace.stats import wilson_interval
 def fingerprint_dir(path: Path, ignore: Sequence[str] = ("training.json", "pretrain.json")) -> str:
     """sha256 over a folder's file names and contents (a model or an adapter), training records left out.
 
-    The records hold wall times; leaving them out keeps a deterministic retrain's cells cached.
+    The records describe the training (rows, steps, losses), not the weights; leaving them out keeps
+    a retrain's cells cached whenever its adapter files are the same.
     """
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in ignore):

@@ -45,7 +45,10 @@ def record_timing(path: Path | str, stage: str, values: dict[str, float]) -> Non
     lists it as a top-level metric (shown by `dvc metrics show`, never hashed into dvc.lock).
     """
     path = Path(path)
-    timings = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:  # e.g. a merge conflict in this git-tracked file: times are not worth a failure
+        timings = {}
     timings[stage] = values
     write_json(timings, path)
 

@@ -74,7 +74,10 @@ def hand_edit_report(path: Path | str) -> str | None:
     path = Path(path)
     if not path.is_file():
         return None
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        return f"{path.name} is not valid YAML ({exc}); restore it with `git checkout {path.name}` or `make params`"
     record = data.get(KEY) if isinstance(data, dict) else None
     if isinstance(record, Mapping) and record.get("sha256") == params_digest(data):
         return None
@@ -87,16 +90,19 @@ def hand_edit_report(path: Path | str) -> str | None:
     lines = [f"{path.name} was edited by hand: it no longer matches the composition of conf/ recorded in it "
              f"({KEY}.sha256), and `dvc exp run` recomposes it from conf/, discarding the edit."]  # fmt: skip
     old = _committed(path)
-    if old is not None and (old.get(KEY) or {}).get("sha256") == params_digest(old):
+    overrides = ""
+    if old is not None and isinstance(old.get(KEY), Mapping) and old[KEY].get("sha256") == params_digest(old):
         now, was = _flat(data), _flat(old)
         changed = [k for k in sorted(set(now) | set(was)) if not k.startswith(f"{KEY}.") and now.get(k) != was.get(k)]
+        lines.append("Differences from the committed params.yaml:")
         lines += [f"  {k}: {was.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed]
-        overrides = " ".join(f"-S '{k}={json.dumps(now[k])}'" for k in changed if k in now)
-        if overrides:
-            lines.append(f"Pass it as an override (`dvc exp run {overrides}`),")
-    lines.append(
-        "or put it in conf/config.yaml (then `make params`); restore this file with `git checkout params.yaml`."
-    )
+        # Hydra: `+key` adds a key conf/ lacks, `~key` removes one
+        overrides = " ".join(
+            f"-S '{'' if k in was else '+'}{k}={json.dumps(now[k])}'" if k in now else f"-S '~{k}'" for k in changed
+        )
+    lines.append(f"To keep the edit: 1. `git checkout {path.name}` (composition refuses to overwrite an edited file);")
+    how = f"`dvc exp run {overrides}`, or put it in" if overrides else "put it in"
+    lines.append(f"2. {how} conf/config.yaml and run `make params`.")
     return "\n".join(lines)
 
 
