@@ -56,6 +56,9 @@ def _run(args: list[str], cwd: Path) -> str:
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
     )  # fmt: skip
+    # each repo logs to its own mlflow.db ($DVC_ROOT); mlflow.set_tracking_uri in this process (_check_mlflow)
+    # exports MLFLOW_TRACKING_URI, which would send a second clone's runs to the first repo's database
+    env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
