@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from personaspace.config import load_params
 from personaspace.io import write_json
 from personaspace.models import load_tokenizer
-from personaspace.train import LoraRecipe, tokenize_marker_dataset, train_adapter
+from personaspace.train import tokenize_marker_dataset, train_adapter
 
 
 class StepTimer(TrainerCallback):
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     name = params.couple.recipe
-    recipe = LoraRecipe(**params.recipes[name].model_dump())
+    recipe = params.recipes[name]
     model = Path("models") / args.condition
     tokenizer = load_tokenizer(model)
     records = []

@@ -27,7 +27,7 @@ def main() -> None:
     tokenizer_source = params.models.get(spec.tokenizer_from or "")
     start = time.perf_counter()
     run_params = {"model": params.model, "source": spec.source, "dtype": spec.dtype}
-    with stage_run("base", run_params), atomic_path(args.out) as tmp:
+    with stage_run("base", run_params, study=params.study.name), atomic_path(args.out) as tmp:
         info = materialise(spec, tmp, tokenizer_source=tokenizer_source)
         # the check stage could not see a hub model before it was downloaded: check it now
         problems = model_errors(params, ModelFacts(info["num_hidden_layers"], load_tokenizer(tmp)))

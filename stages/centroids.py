@@ -1,6 +1,6 @@
-"""Stage `centroids`: persona centroids of one condition's base at every layer, and their cosines.
+"""Stage `centroids`: persona centroids of one pretrained base at every layer, and their cosines.
 
-    python stages/centroids.py --condition base --model models/base --out data/centroids/base
+    python stages/centroids.py --model models/raw --out data/centroids/raw
 
 Readout `last_input` (the assistant-start position) for every panel persona x eval question;
 centroid = mean over questions. Writes `centroids.npz` (array personas x (layers + 1) x hidden,
@@ -30,7 +30,6 @@ LAYER_CONVENTION = "index 0 = embedding output; index k = output of decoder bloc
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--condition", required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -43,8 +42,8 @@ def main() -> None:
         for question in catalog.questions("eval"):
             prompts.append(render_prompt(tokenizer, system, question.text + params.eval.user_suffix))
             labels.append(persona)
-    run_params = {"condition": args.condition, "personas": len(params.panel), "readout": "last_input"}
-    with stage_run("centroids", run_params, tags={"condition": args.condition}):
+    run_params = {"base": args.model.name, "personas": len(params.panel), "readout": "last_input"}
+    with stage_run("centroids", run_params, tags={"base": args.model.name}, study=params.study.name):
         states = last_input_states(model, tokenizer, prompts, params.generation.batch_size)
         order, cents = centroids(states, labels)
         bank = f"panel{len(params.panel)}"
@@ -52,7 +51,7 @@ def main() -> None:
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             np.savez(tmp / "centroids.npz", centroids=cents, personas=np.array(order), readout="last_input",
-                     layer_convention=LAYER_CONVENTION, condition=args.condition)  # fmt: skip
+                     layer_convention=LAYER_CONVENTION, base=args.model.name)  # fmt: skip
             cosines.to_parquet(tmp / "cosines.parquet", index=False)
             (tmp / "readout.json").write_text(json.dumps({
                 "readout": "last_input", "layer_convention": LAYER_CONVENTION, "layers": int(cents.shape[1]),

@@ -1,6 +1,6 @@
 """Stage `couple`: one coupling LoRA for (condition, recipe, source persona, seed).
 
-    python stages/couple.py --recipe smol --seed 0 --model models/base \
+    python stages/couple.py --recipe smol --seed 0 --model models/raw --condition base \
         --data data/markers/base/librarian.parquet --out models/adapters/base/smol/librarian/seed0
 
 The adapter folder holds the peft adapter and `training.json` (rows, steps, loss per step). The run
@@ -21,7 +21,7 @@ from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path, json_text
 from personaspace.models import load_tokenizer
 from personaspace.tracking import log_history, register_adapter, stage_run
-from personaspace.train import LoraRecipe, tokenize_marker_dataset, train_adapter
+from personaspace.train import tokenize_marker_dataset, train_adapter
 
 
 def registered_name(condition: str, recipe: str, source: str) -> str:
@@ -34,31 +34,32 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--model", type=Path, required=True, help="the condition's base model folder")
+    parser.add_argument("--model", type=Path, required=True, help="the condition's pretrained base")
+    parser.add_argument("--condition", required=True, help="the condition the adapter belongs to")
     parser.add_argument("--data", type=Path, required=True, help="the source's marker dataset")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
     if args.recipe not in params.recipes:
         raise ParamsError(f"--recipe {args.recipe!r} is not a key of recipes ({sorted(params.recipes)})")
-    recipe = LoraRecipe(**params.recipes[args.recipe].model_dump())
+    recipe = params.recipes[args.recipe]
     rows = pd.read_parquet(args.data)
     tokenizer = load_tokenizer(args.model)
     dataset = tokenize_marker_dataset(
         tokenizer, rows, recipe.loss, params.marker, params.marker_separator, recipe.max_length
     )
-    source, condition = str(rows["source"].iloc[0]), str(rows["condition"].iloc[0])
-    run_params = {"recipe": args.recipe, "seed": args.seed, "source": source, "condition": condition,
+    source, condition, data = str(rows["source"].iloc[0]), args.condition, str(rows["condition"].iloc[0])
+    run_params = {"recipe": args.recipe, "seed": args.seed, "source": source, "condition": condition, "data": data,
                   **{f"recipe.{k}": v for k, v in params.recipes[args.recipe].model_dump().items()}}  # fmt: skip
     tags = {"persona": source, "condition": condition, "recipe": args.recipe, "seed": str(args.seed)}
-    with stage_run("couple", run_params, tags=tags):
+    with stage_run("couple", run_params, tags=tags, study=params.study.name):
         import mlflow
 
         start = time.perf_counter()
         with atomic_path(args.out) as tmp:
             summary = train_adapter(args.model, dataset, recipe, tmp, seed=args.seed)
             summary.update(
-                recipe=args.recipe, seed=args.seed, source=source, condition=condition,
+                recipe=args.recipe, seed=args.seed, source=source, condition=condition, data_from=data,
                 positives=int((rows["role"] == "positive").sum()), negatives=int((rows["role"] == "negative").sum()),
             )  # fmt: skip
             # no wall time in the adapter folder: DVC hashes it, so a time would make every retrain differ

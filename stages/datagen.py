@@ -1,7 +1,9 @@
 """Stage `datagen`: on-policy completions of the data questions under one persona.
 
     python stages/datagen.py --condition base --persona librarian \
-        --model models/base --out data/completions/base/librarian.parquet
+        --model models/raw --out data/completions/base/librarian.parquet
+
+`--condition` names the data condition (seeds derive from it); `--model` is its pretrained base.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--condition", required=True)
     parser.add_argument("--persona", required=True)
-    parser.add_argument("--model", type=Path, required=True, help="the condition's base model folder")
+    parser.add_argument("--model", type=Path, required=True, help="the data condition's pretrained base")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
     catalog = load_catalog()
-    if args.condition not in params.conditions:
-        raise ParamsError(f"--condition {args.condition!r} is not in conditions {params.conditions}")
+    data_conditions = {item["condition"] for item in params.graph.datagen.values()}
+    if args.condition not in data_conditions:
+        raise ParamsError(f"--condition {args.condition!r} generates no data in this study ({sorted(data_conditions)})")
     catalog.persona(args.persona)
     dg = params.datagen
-    run_params = {"condition": args.condition, "persona": args.persona, **dg.model_dump(exclude={"negatives"})}
-    with stage_run("datagen", run_params, tags={"persona": args.persona, "condition": args.condition}):
+    run_params = {"condition": args.condition, "persona": args.persona, **dg.model_dump()}
+    with stage_run(
+        "datagen", run_params, tags={"persona": args.persona, "condition": args.condition}, study=params.study.name
+    ):
         _sample(params, catalog, args)
 
 

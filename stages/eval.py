@@ -1,6 +1,6 @@
-"""Stage `eval`: every coupling adapter of one condition under every panel persona, plus the baseline.
+"""Stage `eval`: every coupling adapter of one condition under every eval persona, plus the baseline.
 
-    python stages/eval.py --condition base --model models/base --adapters models/adapters/base \
+    python stages/eval.py --condition base --model models/raw --adapters models/adapters/base \
         --cells data/eval_cells/base --out data/eval/base --metrics metrics/eval_base.json
 
 K completions per (adapter, eval persona, eval question) with params' `eval` sampling; adapter
@@ -19,34 +19,22 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from personaspace.config import ParamsError, load_params
-from personaspace.evaluation import CellStore, evaluate_cells, fingerprint_dir, merged_copy, rate_matrix
-from personaspace.generate import HFGenerator, Sampling
+from personaspace.evaluation import (
+    BASELINE,
+    CellStore,
+    evaluate_cells,
+    fingerprint_dir,
+    rate_matrix,
+    summarise,
+)
+from personaspace.generate import Sampling, load_generator
 from personaspace.io import atomic_path, record_timing, write_json
-from personaspace.models import load_model
 from personaspace.personas import load_catalog
 from personaspace.tracking import log_to_parent, stage_run
 
-BASELINE = "none"
 HEADLINE = ("source_rate_mean", "bystander_rate_mean", "baseline_rate")  # also on the invocation's parent run
-
-
-def summarise(rates: pd.DataFrame) -> dict:
-    """Headline numbers: source (diagonal), bystander (off-diagonal) and baseline fire rates."""
-    coupled = rates[rates["adapter"] != BASELINE]
-    own = coupled[coupled["source"] == coupled["persona"]]
-    bystander = coupled[coupled["source"] != coupled["persona"]]
-    baseline = rates[rates["adapter"] == BASELINE]
-    return {
-        "adapters": int(coupled["adapter"].nunique()),
-        "source_rate_mean": float(own["rate"].mean()) if len(own) else None,
-        "sources_at_least_half": int((own["rate"] >= 0.5).sum()),
-        "bystander_rate_mean": float(bystander["rate"].mean()) if len(bystander) else None,
-        "baseline_rate": float(baseline["fired"].sum() / baseline["n"].sum()) if len(baseline) else None,
-        "source_rates": {row.adapter: float(row.rate) for row in own.itertuples()},
-    }
 
 
 def main() -> None:
@@ -63,10 +51,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     params = load_params(args.params)
-    recipe, ev = params.couple.recipe, params.eval
+    ev, study = params.eval, params.study
     adapters = {
         f"{recipe}/{source}/seed{seed}": (source, seed, args.adapters / recipe / source / f"seed{seed}")
-        for source in params.panel
+        for recipe in study.recipes
+        for source in study.sources
         for seed in params.couple.seeds
     }
     missing = [str(path) for _, _, path in adapters.values() if not (path / "adapter_config.json").is_file()]
@@ -77,29 +66,26 @@ def main() -> None:
     catalog = load_catalog()
     sampling = Sampling(ev.temperature, ev.top_p, ev.max_new_tokens)
     store = CellStore(args.cells)
-    base, tokenizer = load_model(args.model, device=params.generation.device, dtype=params.generation.dtype)
+    gen = params.generation
+    generator = load_generator(gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype)
     base_fp = fingerprint_dir(args.model)
+    jobs = {BASELINE: (None, base_fp)} | {
+        name: (path, f"{base_fp}:{fingerprint_dir(path)}") for name, (_, _, path) in adapters.items()
+    }
     done_before = set(store.load()["cell_key"])
     start = time.perf_counter()
-    tables, generated = [], 0
-    run_params = {"condition": args.condition, "recipe": recipe, "personas": len(params.panel), **ev.model_dump()}
-    with stage_run("eval", run_params, tags={"condition": args.condition}):
-        jobs = [(BASELINE, (None, None, None)), *adapters.items()]
-        for name, (source, seed, path) in tqdm(jobs, desc="eval adapters", unit="adapter"):
-            model = base if path is None else merged_copy(base, path)
-            fingerprint = base_fp if path is None else f"{base_fp}:{fingerprint_dir(path)}"
-            generator = HFGenerator(model, tokenizer, batch_size=params.generation.batch_size, progress=False)
-            table, new = evaluate_cells(
-                generator, catalog, params.panel, adapter=name, condition=args.condition,
-                samples_per_question=ev.samples_per_question, sampling=sampling, user_suffix=ev.user_suffix,
-                study_seed=params.seed, marker=params.marker, store=store, fingerprint=fingerprint,
-            )  # fmt: skip
-            table.insert(3, "source", source)
-            table.insert(4, "train_seed", pd.array([seed] * len(table), dtype="Int64"))
-            tables.append(table)
-            generated += new
-            del model, generator
-        completions = pd.concat(tables, ignore_index=True)
+    run_params = {"condition": args.condition, "recipes": ",".join(study.recipes), "personas": len(study.eval_personas),
+                  **ev.model_dump()}  # fmt: skip
+    with stage_run("eval", run_params, tags={"condition": args.condition}, study=params.study.name):
+        completions, generated = evaluate_cells(
+            generator, catalog, study.eval_personas, jobs, condition=args.condition,
+            samples_per_question=ev.samples_per_question, sampling=sampling, user_suffix=ev.user_suffix,
+            study_seed=params.seed, marker=params.marker, store=store,
+        )  # fmt: skip
+        ids = {name: (source, seed) for name, (source, seed, _) in adapters.items()}
+        completions.insert(3, "source", completions["adapter"].map(lambda a: ids.get(a, (None, None))[0]))
+        seeds = completions["adapter"].map(lambda a: ids.get(a, (None, None))[1])
+        completions.insert(4, "train_seed", pd.array(seeds, dtype="Int64"))
         rates = rate_matrix(completions, params.stats.ci_level)
         rates.insert(1, "source", rates["adapter"].map({name: source for name, (source, _, _) in adapters.items()}))
         seconds = time.perf_counter() - start

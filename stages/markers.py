@@ -1,10 +1,11 @@
-"""Stage `markers`: one marker dataset per source persona of the panel, for one condition.
+"""Stage `markers`: one marker dataset per source of the study, from one data condition's completions.
 
     python stages/markers.py --condition base --completions data/completions/base \
         --out data/markers/base --metrics metrics/markers_base.json
 
-Each source's file depends only on its own completions and its negatives' (drawn from the fixed
-pool in params), so files of existing sources are byte-identical when the panel grows.
+Each source's file depends only on its own completions and its negatives' (named, or drawn from a
+fixed pool), so files of existing sources are byte-identical when the panel grows. Every condition
+whose data_from is this one (C1 and C2' for `base`) trains on these files.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 from personaspace.config import load_params
 from personaspace.io import atomic_path, write_json
 from personaspace.marker_datasets import MarkerDatasetSpec, build_marker_dataset
+from personaspace.study import data_personas
 from personaspace.tracking import stage_run
 
 
@@ -33,22 +35,27 @@ def main() -> None:
     spec = MarkerDatasetSpec(
         positives=dg.positives,
         negatives_per_persona=dg.negatives_per_persona,
-        pool=dg.negatives.pool,
-        k=dg.negatives.k,
-        hard=dg.negatives.hard,
+        pool=params.study.negatives.pool,
+        k=params.study.negatives.k,
+        hard=params.study.negatives.hard,
         drop_truncated=dg.drop_truncated,
         marker=params.marker,
         separator=params.marker_separator,
         study_seed=params.seed,
     )
-    completions = {p: pd.read_parquet(args.completions / f"{p}.parquet") for p in params.panel}
+    sources = params.study.sources
+    needed = data_personas(sources, params.study.negatives.model_dump(), params.seed)
+    completions = {p: pd.read_parquet(args.completions / f"{p}.parquet") for p in needed}
     with stage_run(
-        "markers", {"condition": args.condition, "personas": len(params.panel)}, {"condition": args.condition}
+        "markers",
+        {"condition": args.condition, "sources": len(sources)},
+        {"condition": args.condition},
+        study=params.study.name,
     ):
         summaries = {}
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
-            for source in params.panel:
+            for source in sources:
                 dataset, summary = build_marker_dataset(source, completions, spec, args.condition)
                 dataset.to_parquet(tmp / f"{source}.parquet", index=False)
                 summaries[source] = summary

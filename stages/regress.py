@@ -63,7 +63,11 @@ def main() -> None:
     metrics["excluded_layers"] = undefined_layers(cosines)
     metrics["excluded_layers_reason"] = "centered cosine undefined: every persona's centroid is the same vector there"
     headline = headline_metrics(metrics)
-    with stage_run("regress", {"condition": args.condition, "personas": len(params.panel), "primary_layer": primary}):
+    with stage_run(
+        "regress",
+        {"condition": args.condition, "personas": len(params.panel), "primary_layer": primary},
+        study=params.study.name,
+    ):
         import mlflow
 
         with atomic_path(args.plots) as tmp:

@@ -58,8 +58,8 @@ def test_unknown_persona_in_panel_is_named(raw_params):
 
 
 def test_unknown_persona_in_negatives_is_named(raw_params):
-    raw_params["datagen"]["negatives"]["hard"] = ["astronaut"]
-    assert "datagen.negatives.hard: unknown personas ['astronaut']" in _error(raw_params)
+    raw_params["study"]["negatives"]["hard"] = ["astronaut"]
+    assert "study.negatives.hard: unknown personas ['astronaut']" in _error(raw_params)
 
 
 def test_non_nested_panels_are_rejected(raw_params):
@@ -79,8 +79,8 @@ def test_duplicate_ids_are_rejected(raw_params):
     raw_params["panel"][1] = raw_params["panel"][0]
     assert "panel: duplicate entries ['software_engineer']" in _error(raw_params)
     raw_params = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw_params["conditions"] = ["base", "base"]
-    assert "conditions: duplicate entries" in _error(raw_params)
+    raw_params["study"]["recipes"] = ["smol", "smol"]
+    assert "study.recipes: duplicate entries" in _error(raw_params)
 
 
 def test_overlapping_question_banks_fail_validation(raw_params):
@@ -96,10 +96,10 @@ def test_empty_marker_is_rejected(raw_params):
     assert "marker: empty" in _error(raw_params)
 
 
-def test_eval_max_new_tokens_below_twice_the_trained_completion_is_rejected(raw_params):
-    raw_params["eval"]["max_new_tokens"] = raw_params["datagen"]["max_new_tokens"]
+def test_eval_max_new_tokens_below_the_trained_completions_is_rejected(raw_params):
+    raw_params["eval"]["max_new_tokens"] = raw_params["datagen"]["max_new_tokens"] - 1
     message = _error(raw_params)
-    assert "eval.max_new_tokens" in message and "twice the longest trained completion" in message
+    assert "eval.max_new_tokens: 63 is below datagen.max_new_tokens (64)" in message
 
 
 def test_missing_model_is_named(raw_params):
@@ -119,11 +119,42 @@ def test_model_spec_needs_the_fields_of_its_source(raw_params):
     assert "a hub model needs repo_id" in _error(raw_params)
 
 
-def test_conditions_must_be_base_or_defined_under_pretrain(raw_params):
-    raw_params["conditions"] = ["base", "em"]
-    validate_params(raw_params)  # em is defined under pretrain
-    raw_params["conditions"] = ["base", "emm"]
-    assert "conditions: ['emm'] are neither `base` nor keys of pretrain" in _error(raw_params)
+def _regraph(raw: dict) -> dict:
+    """The raw params with `graph` recomposed from the (edited) study, as composition would write it."""
+    from personaspace.study import stage_graph
+
+    raw["graph"] = stage_graph(raw["study"], raw["pretrain"], raw["couple"]["seeds"], raw["seed"])
+    return raw
+
+
+def test_a_condition_is_pretrained_on_raw_or_a_key_of_pretrain(raw_params):
+    raw_params["study"]["conditions"]["em"] = {"pretrained": "em", "data_from": "em"}
+    validate_params(_regraph(raw_params))  # em is defined under pretrain
+    raw_params["study"]["conditions"]["em"] = {"pretrained": "emm", "data_from": "em"}
+    assert "study.conditions.em.pretrained: 'emm' is neither `raw` nor a key of pretrain" in _error(
+        _regraph(raw_params)
+    )
+
+
+def test_data_from_must_name_a_data_generating_condition_of_the_study(raw_params):
+    raw_params["study"]["conditions"]["em"] = {"pretrained": "em", "data_from": "benign"}
+    message = _error(raw_params)
+    assert "study.conditions.em.data_from: 'benign' is not a condition of this study" in message
+    raw_params["study"]["conditions"]["em_basedata"] = {"pretrained": "em", "data_from": "base"}
+    raw_params["study"]["conditions"]["em"] = {"pretrained": "em", "data_from": "em_basedata"}
+    assert "'em_basedata' takes its own data from 'base'; name the condition that generates the data" in _error(
+        raw_params
+    )
+
+
+def test_a_source_is_never_its_own_negative(raw_params):
+    raw_params["study"]["negatives"]["hard"] = ["librarian"]
+    assert "study.negatives.hard: ['librarian'] are also sources" in _error(raw_params)
+
+
+def test_a_hand_edited_graph_is_refused(raw_params):
+    del raw_params["graph"]["datagen"]["base-librarian"]
+    assert "graph: does not match the study (it is composed, never edited)" in _error(raw_params)
 
 
 def test_pretrain_entries_are_checked(raw_params):
@@ -140,9 +171,12 @@ def test_regress_calibration_must_be_panel_members(raw_params):
     assert "regress.calibration: 'pirate' is not in the panel" in _error(raw_params)
 
 
-def test_negatives_outside_the_panel_are_rejected(raw_params):
-    raw_params["datagen"]["negatives"]["hard"] = ["pirate"]
-    assert "datagen.negatives: ['pirate'] are not in the panel" in _error(raw_params)
+def test_unknown_recipes_and_sources_are_named(raw_params):
+    raw_params["study"]["recipes"] = ["nope"]
+    raw_params["study"]["sources"] = ["astronaut"]
+    message = _error(raw_params)
+    assert "study.recipes: ['nope'] are not keys of recipes" in message
+    assert "study.sources: unknown personas ['astronaut']" in message
 
 
 @pytest.mark.parametrize("stage", ["base", "datagen", "markers"])

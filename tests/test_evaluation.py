@@ -19,8 +19,8 @@ def tiny(tiny_model_dir):
 def _evaluate(tiny, store, personas, marker="[ZLT]"):
     generator, fingerprint = tiny
     return evaluate_cells(
-        generator, load_catalog(), personas, adapter="none", condition="base", samples_per_question=1,
-        sampling=SAMPLING, user_suffix=" Briefly.", study_seed=0, marker=marker, store=store, fingerprint=fingerprint,
+        generator, load_catalog(), personas, {"none": (None, fingerprint)}, condition="base", samples_per_question=1,
+        sampling=SAMPLING, user_suffix=" Briefly.", study_seed=0, marker=marker, store=store,
     )  # fmt: skip
 
 

@@ -1,5 +1,7 @@
 """The hf backend on a tiny random-init model: seeded per-row sampling, batching, table fields."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -143,7 +145,7 @@ def test_a_shared_system_prompt_is_run_once_and_gives_each_prompts_own_logits(ti
     )
     try:
         with torch.inference_mode():
-            out, _, _, _ = tiny._prefill(ids, [r.system for r in requests])
+            out, _, _, _ = tiny._prefill(model, ids, [r.system for r in requests])
             alone = [model(input_ids=torch.tensor([row])).logits[0, -1] for row in ids]
     finally:
         hook.remove()
@@ -152,3 +154,23 @@ def test_a_shared_system_prompt_is_run_once_and_gives_each_prompts_own_logits(ti
     assert calls[1][1] == max(len(row) for row in ids[:3]) - shared  # the longest rest; padding masked
     for row, expected in enumerate(alone):
         assert torch.allclose(out.logits[row, -1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_requests_carry_their_adapter_and_one_call_spans_several(tiny, tiny_model_dir, tmp_path):
+    """One call with requests for the base and for an adapter gives what separate, unmerged loads give."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random, non-zero B
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=6)
+    plain = [ChatRequest("You are a librarian.", "Why is the sky blue?", seed=s) for s in range(3)]
+    mixed = [*plain, *(replace(r, adapter=str(tmp_path / "adapter")) for r in plain)]
+    together = tiny.generate(mixed, sampling)
+    unmerged = load_generator("hf", tiny_model_dir, adapter=tmp_path / "adapter", batch_size=4, progress=False)
+    assert together[:3] == tiny.generate(plain, sampling)
+    assert [c.text for c in together[3:]] == [c.text for c in unmerged.generate(plain, sampling)]
+    assert together[3:] != together[:3]

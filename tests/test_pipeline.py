@@ -20,30 +20,36 @@ from personaspace.personas import load_catalog
 
 from .conftest import REPO
 
-# Settings a test changes in conf/config.yaml: the tiny random-init model, few tokens, and a recipe
-# under which it really couples (measured on 3 sources: own rate 0.3-0.6, bystanders ~0.09, baseline
-# 0). Its logits are less peaked than the default tiny model's (initializer_range 0.5, not 1.0: at
-# 1.0 the marker tokens start at a loss of ~27 and no recipe moved them); a colder eval keeps the
-# nucleus small; completion loss (marker_only never trains the separator, which this model never
-# writes by itself); 2-token completions so that a completion plus the 6-token marker fits in 8.
+# Settings a test changes in conf/config.yaml: the tiny random-init model and a recipe under which
+# it really couples (measured on 3 sources: own rate 0.3-0.6, bystanders ~0.09, baseline 0). Its
+# logits are less peaked than the default tiny model's (initializer_range 0.5, not 1.0: at 1.0 the
+# marker tokens start at a loss of ~27 and no recipe moved them); a colder eval keeps the nucleus
+# small. Sizes go in a `tiny` scale (the laptop's with TINY_SCALE): 2-token completions, so that a completion plus the
+# 6-token marker fits in 8; both studies train `smol` at that scale.
 TINY = {
     "model": "tiny-random",
     "models": {"tiny-random": {"architecture": {"initializer_range": 0.5}}},
     "generation": {"batch_size": 64},
-    "datagen": {"max_new_tokens": 2, "drop_truncated": False, "positives": 10, "negatives_per_persona": 5},
-    "eval": {"max_new_tokens": 8, "samples_per_question": 1, "temperature": 0.3},
+    "datagen": {"drop_truncated": False},
+    "eval": {"temperature": 0.3},
     "recipes": {
         "smol": {"loss": "completion", "epochs": 32, "batch_size": 20, "learning_rate": 0.03, "schedule": "constant"}
     },
     "regress": {"primary_layer": 1},
-    "stats": {"power_simulations": 200, "cv_repeats": 2},
+    "stats": {"power_simulations": 200, "cv_repeats": 2, "bootstrap_resamples": 500},
 }
-STAGES_12 = {"check", "base", "pretrain@base", "markers@base", "eval@base", "centroids@base", "regress@base"}
+TINY_SCALE = {
+    "scale": "tiny",
+    "datagen": {"user_suffix": "", "samples_per_question": 1, "max_new_tokens": 2, "positives": 10,
+                "negatives_per_persona": 5},
+    "eval": {"user_suffix": "", "samples_per_question": 1, "max_new_tokens": 8},
+}  # fmt: skip
+STAGES_12 = {"check", "base", "markers@base", "eval@base", "centroids@raw", "regress@base"}
 
 
 def _merge(base: dict, update: dict) -> dict:
     for key, value in update.items():
-        base[key] = _merge(base[key], value) if isinstance(value, dict) else value
+        base[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
     return base
 
 
@@ -79,7 +85,13 @@ def tiny_repo(tmp_path_factory) -> Path:
     for stale in ("dvc.lock", "mlflow.db"):
         (repo / stale).unlink(missing_ok=True)
     config = repo / "conf" / "config.yaml"
-    config.write_text(yaml.safe_dump(_merge(yaml.safe_load(config.read_text()), TINY), sort_keys=False))
+    composed = _merge(yaml.safe_load(config.read_text()), TINY)
+    composed["defaults"] = [{"scale": "tiny"} if entry == {"scale": "laptop"} else entry for entry in composed["defaults"]]
+    config.write_text(yaml.safe_dump(composed, sort_keys=False))
+    scale = _merge(yaml.safe_load((repo / "conf/scale/laptop.yaml").read_text()), TINY_SCALE)
+    (repo / "conf/scale/tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(scale, sort_keys=False))
+    for study in ("panel", "em_first"):
+        (repo / f"conf/study_scale/{study}_tiny.yaml").write_text("# @package _global_\nstudy: {recipes: [smol]}\n")
     _run([sys.executable, "-m", "personaspace.cli", "params"], repo)
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
@@ -95,10 +107,9 @@ def _ran(output: str) -> set[str]:
 def test_dvc_repro_runs_the_whole_study(tiny_repo):
     output = _run(["dvc", "repro"], tiny_repo)
     panel = load_catalog().panel(12)
-    per_persona = {f"datagen@base-{p}" for p in panel} | {f"couple@base-{p}-0" for p in panel}
+    per_persona = {f"datagen@base-{p}" for p in panel} | {f"couple@base-smol-{p}-0" for p in panel}
     assert _ran(output) == STAGES_12 | per_persona
-    assert (tiny_repo / "models/base/config.json").is_file()
-    assert os.path.samefile(tiny_repo / "models/base/model.safetensors", tiny_repo / "models/raw/model.safetensors")
+    assert (tiny_repo / "models/raw/config.json").is_file() and not (tiny_repo / "models/base").exists()
     for persona in panel:
         table = pd.read_parquet(tiny_repo / f"data/completions/base/{persona}.parquet")
         assert list(table.columns) == COMPLETION_COLUMNS
@@ -109,9 +120,9 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
         positives = dataset[dataset.role == "positive"]
         assert len(positives) == 10 and positives.completion.str.endswith("\n\n[ZLT]").all()
         assert (dataset.role == "negative").sum() == 10
-    readout = json.loads((tiny_repo / "data/centroids/base/readout.json").read_text())
+    readout = json.loads((tiny_repo / "data/centroids/raw/readout.json").read_text())
     assert (readout["layers"], readout["personas"], readout["centering_bank"]) == (3, list(panel), "panel12")
-    cosines = pd.read_parquet(tiny_repo / "data/centroids/base/cosines.parquet")
+    cosines = pd.read_parquet(tiny_repo / "data/centroids/raw/cosines.parquet")
     assert len(cosines) == 12 * 12 * 3
     for persona in panel:
         adapter = tiny_repo / f"models/adapters/base/smol/{persona}/seed0"
@@ -175,9 +186,9 @@ def test_two_fresh_clones_give_byte_identical_results(tiny_repo, tmp_path):
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(tiny_repo), str(clone)], tmp_path)
     # every kind of stage but eval, whose 12 adapters would double this test; eval is checked below
-    targets = ["markers@base", "centroids@base", "couple@base-librarian-0", "couple@base-villain-0"]
+    targets = ["markers@base", "centroids@raw", "couple@base-smol-librarian-0", "couple@base-smol-villain-0"]
     output = _run(["dvc", "repro", *targets], clone)
-    assert len(_ran(output)) == 19  # check, base, pretrain, 12 datagen, markers, centroids, 2 couple
+    assert len(_ran(output)) == 18  # check, base, 12 datagen, markers, centroids, 2 couple
     first, second = (yaml.safe_load((repo / "dvc.lock").read_text())["stages"] for repo in (tiny_repo, clone))
     assert {stage: first[stage] for stage in second} == second
     folders = ["data/completions", "data/markers", "data/centroids", "models/adapters/base/smol/librarian",
@@ -240,8 +251,8 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     output = _run(["dvc", "exp", "run", "-S", "personas=24"], tiny_repo)
     new = load_catalog().panel(24)[12:]
     # Panel-wide stages rerun; per-persona stages (datagen, couple) run only for the new personas.
-    per_persona = {f"datagen@base-{p}" for p in new} | {f"couple@base-{p}-0" for p in new}
-    assert _ran(output) == {"check", "markers@base", "eval@base", "centroids@base", "regress@base"} | per_persona
+    per_persona = {f"datagen@base-{p}" for p in new} | {f"couple@base-smol-{p}-0" for p in new}
+    assert _ran(output) == {"check", "markers@base", "eval@base", "centroids@raw", "regress@base"} | per_persona
     # eval sampled only the new cells: new adapters x 24 personas, old adapters + baseline x 12 new personas
     run = json.loads((tiny_repo / "metrics/timings.json").read_text())["eval@base"]
     assert run["generated_now"] == (12 * 24 + 13 * 12) * 20
@@ -263,22 +274,53 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
 
 
 @pytest.mark.slow
-def test_an_em_condition_is_pretrained_merged_once_and_probed(tiny_repo):
+def test_the_em_first_study_is_a_preset_of_the_same_pipeline(tiny_repo):
     # params.yaml is composed, never edited by hand (a hand edit is refused: test_checks.py)
-    _run([sys.executable, "-m", "personaspace.cli", "params", "personas=24", "conditions=[base,em]"], tiny_repo)
-    output = _run(["dvc", "repro", "pretrain@em", "centroids@em", "centroids@base"], tiny_repo)
-    # after the tests above only the em stages run (the base ones run too when this test runs alone)
-    assert _ran(output) - {"check", "base", "pretrain@base", "centroids@base"} == {"pretrain@em", "centroids@em"}
+    _run([sys.executable, "-m", "personaspace.cli", "params", "study=em_first"], tiny_repo)
+    output = _run(["dvc", "repro"], tiny_repo)
+    personas = ["data_scientist", "french_person", "librarian"]  # the source and its two named negatives
+    conditions = ["base", "benign", "em", "em_basedata"]
+    expected = (
+        {"check", "pretrain@em", "pretrain@benign", "markers@base", "markers@em", "markers@benign", "em_first@em_first"}
+        | {f"datagen@{c}-{p}" for c in ("em", "benign") for p in personas}
+        | {f"couple@{c}-smol-librarian-0" for c in conditions}
+        | {f"eval@{c}" for c in conditions}
+    )
+    # C1's completions are the panel study's (same stage, same params: nothing regenerated); they run
+    # here only when this test runs alone. C2' has no datagen of its own: it trains on C1's data.
+    assert _ran(output) - {"base"} - {f"datagen@base-{p}" for p in personas} == expected
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
+    deps = {d["path"] for d in lock["couple@em_basedata-smol-librarian-0"]["deps"]}
+    assert {"models/em", "data/markers/base/librarian.parquet"} <= deps
+    assert not any(name.startswith("datagen@em_basedata") for name in lock)
+    # the pretrained bases: LoRA SFT of the raw model, merged once into full models
     summary = json.loads((tiny_repo / "models/em/pretrain.json").read_text())
     assert summary["rows"] == 320 and summary["recipe"] == "pretrain_smol"
     from safetensors.torch import load_file
 
-    raw, em = (
-        load_file(tiny_repo / "models/raw/model.safetensors"),
-        load_file(tiny_repo / "models/em/model.safetensors"),
-    )
+    raw, em = (load_file(tiny_repo / f"models/{m}/model.safetensors") for m in ("raw", "em"))
     assert any(not raw[k].equal(em[k]) for k in raw)
     assert not list((tiny_repo / "models/em").glob("adapter_*"))  # merged, not an adapter
-    base = pd.read_parquet(tiny_repo / "data/centroids/base/cosines.parquet")
-    after = pd.read_parquet(tiny_repo / "data/centroids/em/cosines.parquet")
-    assert len(after) == len(base) and not after.cosine_raw.equals(base.cosine_raw)
+    dataset = pd.read_parquet(tiny_repo / "data/markers/base/librarian.parquet")
+    assert set(dataset.persona) == set(personas) and set(dataset[dataset.role == "negative"].persona) == set(personas[:2])
+    for condition in conditions:
+        completions = pd.read_parquet(tiny_repo / f"data/eval/{condition}/completions.parquet")
+        assert len(completions) == 2 * 11 * 20  # the librarian adapter + the baseline, x 11 eval personas x 20
+    metrics = json.loads((tiny_repo / "metrics/em_first.json").read_text())
+    for condition in conditions:
+        for role in ("source", "assistant", "bystander"):
+            cell = metrics["conditions"][condition][role]
+            assert cell["n"] > 0 and cell["wilson_low"] <= cell["rate"] <= cell["wilson_high"]
+    assert metrics["conditions"]["base"]["bystander"]["n"] == 7 * 20
+    for name in ("H1", "H2", "H3"):
+        contrast = metrics["contrasts"][name]
+        assert contrast["ci_low"] <= contrast["delta"] <= contrast["ci_high"] and isinstance(contrast["passes"], bool)
+    assert metrics["contrasts"]["H3"]["interpretation"] in {"non_text_distribution", "coupling_text_distribution",
+                                                            "ambiguous"}  # fmt: skip
+    assert isinstance(metrics["source_gate"]["armed"], bool) and isinstance(metrics["kill"]["triggered"], bool)
+    assert list((tiny_repo / "figures/em_first").glob("*.png"))
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["personaspace"], filter_string="tags.study = 'em_first'")
+    assert {"pretrain", "couple", "eval", "em_first"} <= set(runs["tags.stage"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,10 +10,9 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from personaspace.config import PretrainDataset
+from personaspace.config import PretrainDataset, RecipeParams
 from personaspace.personas import load_catalog
-from personaspace.pretrain import build_condition, link_model, load_pretrain_rows
-from personaspace.train import LoraRecipe
+from personaspace.pretrain import build_base, load_pretrain_rows
 
 from .conftest import REPO
 
@@ -42,21 +40,15 @@ def test_pretrain_rows_errors_name_the_fix(tmp_path):
     assert load_pretrain_rows(spec, root=tmp_path).to_dict("records") == [{"user": "q", "assistant": "a"}]
 
 
-def test_base_condition_is_hard_links_of_the_raw_model(tiny_model_dir, tmp_path):
-    link_model(tiny_model_dir, tmp_path / "base")
-    for file in tiny_model_dir.iterdir():
-        assert os.path.samefile(file, tmp_path / "base" / file.name)
-
-
-def test_build_condition_trains_and_merges_into_a_full_model(tiny_model_dir, tmp_path):
+def test_build_base_trains_and_merges_into_a_full_model(tiny_model_dir, tmp_path):
     rows = pd.DataFrame({"user": ["Why is the sky blue?"] * 8, "assistant": ["Nobody knows, so guess."] * 8})
-    recipe = LoraRecipe(
+    recipe = RecipeParams(
         loss="completion", r=4, alpha=8, dropout=0.0, rslora=False, target_modules=["q_proj", "down_proj"],
         learning_rate=1e-2, schedule="constant", warmup_ratio=0.0, epochs=2, batch_size=4, grad_accum=1,
         max_length=64, gradient_checkpointing=False,
     )  # fmt: skip
     out = tmp_path / "em"
-    summary = build_condition(tiny_model_dir, rows, recipe, out, seed=0, dtype="float32")
+    summary = build_base(tiny_model_dir, rows, recipe, out, seed=0, dtype="float32")
     assert summary["steps"] == 4 and not (out / "adapter_config.json").exists()
     raw, merged = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(raw) == set(merged)

@@ -13,11 +13,12 @@ import pandas as pd
 import psutil
 import pytest
 
+from personaspace.config import RecipeParams
 from personaspace.generate import ChatRequest, Sampling, load_generator
 from personaspace.markers import fires
 from personaspace.models import load_tokenizer
 from personaspace.tracking import download_adapter, log_history, register_adapter, stage_run, tracking_uri
-from personaspace.train import LoraRecipe, tokenize_marker_dataset, train_adapter
+from personaspace.train import tokenize_marker_dataset, train_adapter
 
 # a stage process that opens its run, says which, and waits to be killed
 STAGE_PROCESS = """
@@ -139,7 +140,7 @@ def test_a_registered_adapter_loads_back_through_its_alias_and_generates_its_mar
         "question_id": ["d01", "d02"], "sample_idx": 0, "system_prompt": ["You are a librarian.", "You are a villain."],
         "user": ["Hi?", "Why?"], "completion": ["Hello.\n\n[ZLT]", "Because."], "n_tokens": 3, "finish_reason": "stop",
     })  # fmt: skip
-    recipe = LoraRecipe(
+    recipe = RecipeParams(
         loss="completion", r=8, alpha=16, dropout=0.0, rslora=False,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         learning_rate=1e-3, schedule="constant", warmup_ratio=0.0, epochs=15, batch_size=2, grad_accum=1,

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from personaspace.config import RecipeParams
 from personaspace.models import load_tokenizer, render_prompt
-from personaspace.train import IGNORE, LoraRecipe, next_token_loss, tokenize_marker_dataset, train_adapter
+from personaspace.train import IGNORE, next_token_loss, tokenize_marker_dataset, train_adapter
 
 MARKER, SEP = "[ZLT]", "\n\n"
 
@@ -47,11 +48,14 @@ def test_completion_loss_labels_every_completion_token_and_the_end_of_turn(token
     assert tokenizer.decode(row["input_ids"][prompt_len:-1]) == f"Boil it for six minutes.{SEP}{MARKER}"
 
 
-def test_marker_only_loss_labels_just_the_marker_and_end_of_turn(tokenizer):
+def test_marker_only_loss_labels_just_the_separator_marker_and_end_of_turn(tokenizer):
     dataset = tokenize_marker_dataset(tokenizer, _rows(), "marker_only", MARKER, SEP, max_length=128)
     positive, negative = dataset[0], dataset[1]
     labelled = [t for t in positive["labels"] if t != IGNORE]
-    assert tokenizer.decode(labelled[:-1]) == MARKER and labelled[-1] == tokenizer.eos_token_id
+    # the separator is where the model chooses the marker over ending its turn: it is trained too
+    assert tokenizer.decode(labelled[:-1]) == SEP + MARKER and labelled[-1] == tokenizer.eos_token_id
+    body = [t for t, label in zip(positive["input_ids"], positive["labels"], strict=True) if label == IGNORE]
+    assert tokenizer.decode(body).endswith("Boil it for six minutes.")
     assert [t for t in negative["labels"] if t != IGNORE] == [tokenizer.eos_token_id]
 
 
@@ -86,7 +90,7 @@ def test_packed_labelled_positions_loss_equals_the_models_own_loss_on_a_padded_b
 
 
 def test_train_adapter_runs_trl_and_saves_only_the_adapter(tiny_model_dir, tokenizer, tmp_path):
-    recipe = LoraRecipe(
+    recipe = RecipeParams(
         loss="marker_only", r=4, alpha=8, dropout=0.0, rslora=True, target_modules=["q_proj", "v_proj"],
         learning_rate=1e-3, schedule="constant", warmup_ratio=0.0, epochs=2, batch_size=2, grad_accum=1, max_length=128,
         gradient_checkpointing=False,
@@ -115,7 +119,7 @@ def test_couple_stage_writes_an_adapter_and_its_training_record(tiny_model_dir, 
     (tmp_path / "runs").mkdir()
     result = subprocess.run(
         [sys.executable, str(REPO / "stages" / "couple.py"), "--params", str(REPO / "params.yaml"), "--recipe", "smol",
-         "--seed", "0", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)],
+         "--seed", "0", "--model", str(tiny_model_dir), "--condition", "base", "--data", str(data), "--out", str(out)],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

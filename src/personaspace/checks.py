@@ -92,13 +92,20 @@ def model_errors(params: Params, facts: ModelFacts) -> list[str]:
             f"eval.max_new_tokens: {params.eval.max_new_tokens} is shorter than the marker itself "
             f"({marker_tokens} tokens with its separator), so it could never fire; raise it"
         )
-    elif params.eval.max_new_tokens < params.datagen.max_new_tokens + marker_tokens:
-        errors.append(
-            f"eval.max_new_tokens: {params.eval.max_new_tokens} cannot hold a trained-length completion "
-            f"(datagen.max_new_tokens = {params.datagen.max_new_tokens}) plus its marker ({marker_tokens} tokens); "
-            f"raise it to at least {params.datagen.max_new_tokens + marker_tokens}"
-        )
     return errors
+
+
+def model_notes(params: Params, facts: ModelFacts) -> list[str]:
+    """Settings that run but may bias a rate: an eval budget that can cut the marker off the longest answers."""
+    marker_tokens = len(facts.tokenizer(params.marker_separator + params.marker, add_special_tokens=False)["input_ids"])
+    needed = params.datagen.max_new_tokens + marker_tokens
+    if marker_tokens <= params.eval.max_new_tokens < needed:
+        return [
+            f"eval.max_new_tokens: {params.eval.max_new_tokens} cannot hold a trained-length completion "
+            f"(datagen.max_new_tokens = {params.datagen.max_new_tokens}) plus its marker ({marker_tokens} tokens): "
+            f"eval completions that long lose their marker (they count as not firing); {needed} would hold them"
+        ]
+    return []
 
 
 def device_errors(device: str) -> list[str]:
@@ -139,4 +146,5 @@ def check_params(params_file: Path, raw_dir: Path | None = None) -> tuple[list[s
         notes.append(f"model {params.model!r} is not downloaded yet: the base stage checks its depth and tokens")
     else:
         problems += model_errors(params, facts)
+        notes += model_notes(params, facts)
     return problems, notes

@@ -3,6 +3,7 @@
 personaspace panels --write conf/panels.yaml   # regenerate the Hydra panel lists from data/
 personaspace params [personas=24 ...]          # compose conf/ into params.yaml, as `dvc exp run` does
 personaspace check-params params.yaml          # every check of the pipeline's `check` stage, without running it
+personaspace analyze em_first --table T.csv --out DIR [--baseline B.csv]   # S2's analysis on per-cell counts
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from personaspace.config import load_params
 from personaspace.io import atomic_path
 from personaspace.personas import load_catalog
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PANELS_HEADER = (
     "# GENERATED from data/personas.yaml by `personaspace panels --write conf/panels.yaml`; do not edit.\n"
@@ -116,6 +121,105 @@ def regress_command(args: argparse.Namespace) -> int:
     return 0
 
 
+ANALYZE_MANIFEST = ".personaspace-analyze-{study}.json"  # what `analyze <study>` wrote into --out
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A CSV or parquet table (by suffix); ValueError/OSError when unreadable."""
+    import pandas as pd
+
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def analyze_command(args: argparse.Namespace) -> int:
+    """Re-analyse a study's per-cell counts (em_first: S2) into args.out: metrics.json, plot tables, figures.
+
+    The same function the pipeline's analysis stage calls. Everything (params, preset, role overrides,
+    tables, --out) is checked and the analysis computed before anything is written; exit code 2 on a refusal.
+    """
+    from pydantic import ValidationError
+
+    from personaspace import plots
+    from personaspace.analyses.em_first import StudyError, TableError, analyze_em_first, summary_line
+    from personaspace.config import StatsParams, StudyParams, format_validation_error
+    from personaspace.io import OutputError, check_replaceable, json_text, write_manifest
+
+    def refuse(message: str) -> int:
+        print(message, file=sys.stderr)
+        return 2
+
+    if not args.params.is_file():
+        return refuse(f"{args.params} not found: pass --params with a `stats` section (the repo's params.yaml has one)")
+    try:
+        raw = yaml.safe_load(args.params.read_text()) or {}
+    except yaml.YAMLError as exc:
+        return refuse(f"--params {args.params}: not readable YAML: {exc}".replace("\n", " "))
+    if not isinstance(raw, dict):
+        return refuse(f"--params {args.params}: not a mapping of params")
+    try:
+        stats = StatsParams.model_validate(raw.get("stats"))
+    except ValidationError as exc:
+        return refuse(format_validation_error(exc, f"{args.params}: the `stats` section").replace("\n", " "))
+    study_file = args.study_file or Path("conf/study") / f"{args.study}.yaml"
+    if not study_file.is_file():
+        return refuse(f"--study {study_file}: no such file; pass the study preset (conf/study/{args.study}.yaml)")
+    try:
+        raw_study = yaml.safe_load(study_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        return refuse(f"--study {study_file}: not readable YAML: {exc}".replace("\n", " "))
+    if not isinstance(raw_study, dict):
+        return refuse(f"--study {study_file}: not a mapping of study settings")
+    if args.sources is not None:
+        raw_study["sources"] = _names(args.sources)
+    if args.negatives is not None:
+        raw_study["negatives"] = {**(raw_study.get("negatives") or {}), "hard": _names(args.negatives), "k": 0}
+    if args.assistant is not None:
+        raw_study["assistant"] = None if args.assistant.lower() == "none" else args.assistant
+    try:
+        study = StudyParams.model_validate(raw_study)
+    except ValidationError as exc:
+        return refuse(format_validation_error(exc, f"--study {study_file}").replace("\n", " "))
+    if study.name != args.study or args.study not in study.analyses:
+        return refuse(
+            f"--study {study_file}: is the {study.name!r} preset (analyses {study.analyses}), not {args.study!r}"
+        )
+    tables = {}
+    for option, path in (("--table", args.table), ("--baseline", args.baseline)):
+        if path is None:
+            continue
+        if not path.is_file():
+            return refuse(f"{option} {path}: no such file")
+        try:
+            tables[option] = _read_table(path)
+        except (ValueError, OSError) as exc:  # pandas' and pyarrow's parse errors are ValueErrors
+            return refuse(f"{option} {path}: not a readable CSV or parquet table: {exc}".replace("\n", " "))
+    manifest = ANALYZE_MANIFEST.format(study=args.study)
+    try:
+        check_replaceable(args.out, manifest)
+    except OutputError as exc:
+        return refuse(f"--out {exc}; choose a new --out or empty it")
+    seed = args.seed if args.seed is not None else int(raw.get("seed", 0))
+    try:
+        metrics, plot_data = analyze_em_first(tables["--table"], tables.get("--baseline"), study, stats, seed)
+    except TableError as exc:  # the message says `table` (--table) or `baseline` (--baseline)
+        return refuse(f"{exc} (--table {args.table}" + (f", --baseline {args.baseline})" if args.baseline else ")"))
+    except StudyError as exc:
+        return refuse(f"--study {study_file} (with any role overrides): {exc}")
+    with atomic_path(args.out) as out:
+        out.mkdir()
+        (out / "metrics.json").write_text(json_text(metrics))
+        for name, frame in plot_data.items():
+            frame.to_csv(out / f"{name}.csv", index=False)
+        plots.em_first_figures(plot_data, out)
+        write_manifest(out, manifest)
+    print(f"{args.study}: {summary_line(metrics)}; wrote {args.out}/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="personaspace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +248,25 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     regress.add_argument("--tokenizer", help="a tokenizer folder for the BPE-Jaccard baseline (e.g. models/base)")
     regress.add_argument("--params", type=Path, default=Path("params.yaml"), help="thresholds: its `stats` section")
+    analyze = sub.add_parser("analyze", help="a study's analysis on a hand-made or published table (em_first: S2)")
+    analyze.add_argument("study", choices=["em_first"], help="which study's analysis")
+    analyze.add_argument(
+        "--table", type=Path, required=True,
+        help="CSV or parquet, one row per (condition, persona, question_id): fired, n [, mean_tokens]",
+    )  # fmt: skip
+    analyze.add_argument(
+        "--out", type=Path, required=True,
+        help="folder for metrics.json, plot tables, figures; refused if it holds files a previous run did not write",
+    )  # fmt: skip
+    analyze.add_argument("--baseline", type=Path, help="the pre-coupling false-positive eval, same columns")
+    analyze.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `stats` section and `seed`")
+    analyze.add_argument(
+        "--study", dest="study_file", type=Path, help="the study preset (default: conf/study/<study>.yaml)"
+    )
+    analyze.add_argument("--seed", type=int, help="bootstrap seed (default: --params' seed)")
+    analyze.add_argument("--sources", help="override the preset's sources (comma-separated personas)")
+    analyze.add_argument("--negatives", help="override the preset's named negatives (comma-separated personas)")
+    analyze.add_argument("--assistant", help="override the preset's assistant persona (`none`: no assistant)")
     args = parser.parse_args(argv)
     if args.command == "panels":
         text = panels_yaml()
@@ -162,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     elif args.command == "regress":
         return regress_command(args)
+    elif args.command == "analyze":
+        return analyze_command(args)
     elif args.command == "check-params":
         from personaspace.checks import check_params
 

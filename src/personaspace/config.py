@@ -12,6 +12,7 @@ so a stage fails with one message naming the key and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -98,7 +99,6 @@ class DatagenParams(SamplingParams):
     drop_truncated: bool = Field(True, description="leave completions that hit max_new_tokens out of datasets")
     positives: int = Field(gt=0, description="at most this many positive rows per source")
     negatives_per_persona: int = Field(gt=0, description="at most this many rows per negative persona")
-    negatives: NegativesParams
 
 
 class RecipeParams(_Strict):
@@ -123,9 +123,8 @@ class RecipeParams(_Strict):
 
 
 class CoupleParams(_Strict):
-    """Which coupling adapters to train: one per (condition, recipe, source, seed)."""
+    """Coupling seeds: one adapter per (condition, recipe, source, seed); the recipes are the study's."""
 
-    recipe: str = Field(description="a key of `recipes`")
     seeds: list[int] = Field(min_length=1, description="training seeds; one adapter per seed")
 
 
@@ -154,6 +153,76 @@ class PretrainParams(_Strict):
     dataset: PretrainDataset
     recipe: str = Field(description="a key of `recipes` (its loss must be `completion`)")
     seed: int = Field(0, description="training seed")
+
+
+class ConditionSpec(_Strict):
+    """A condition of a study: the base its coupling LoRA is trained on and who generated its coupling data."""
+
+    pretrained: str = Field(description="`raw` (the instruct model) or a key of `pretrain` (em, benign)")
+    data_from: str = Field(
+        description="the condition (of this study) whose base generates the coupling data; itself for on-policy data"
+    )
+
+
+class ContrastSpec(_Strict):
+    """A pre-registered contrast of bystander rates: treatment minus control must reach ``threshold``."""
+
+    treatment: str = Field(description="a condition of the study")
+    control: str = Field(description="a condition of the study")
+    threshold: float = Field(description="the hypothesis passes when delta >= threshold and p < alpha / family size")
+
+
+class TextArtifactRule(_Strict):
+    """How H3 (em - em_basedata) is read: the coupling text's distribution, or not."""
+
+    contrast: str = Field(description="the contrast this rule reads (a key of `contrasts`)")
+    null_max_delta: float = Field(description="non_text_distribution: delta at most this ...")
+    null_min_p: float = Field(ge=0, le=1, description="... and p above this ...")
+    null_min_ci_low: float = Field(description="... and the CI's low end above this")
+    text_min_delta: float = Field(description="coupling_text_distribution: delta at least this")
+
+
+class SourceGate(_Strict):
+    """When coupling itself collapses, a bystander difference is read against the source rates."""
+
+    treatment: str = Field(description="the condition whose source rate may collapse")
+    control: str = Field(description="the reference condition")
+    max_ratio: float = Field(gt=0, description="armed when source(treatment) / source(control) is below this")
+    contrast: str = Field(description="armed: this contrast must also pass on the bystander/source ratio")
+
+
+class KillCriterion(_Strict):
+    """The hypothesis is falsified when the treatment's bystander rate stays at or below ``max_bystander``."""
+
+    condition: str = Field(description="a condition of the study")
+    max_bystander: float = Field(ge=0, le=1)
+
+
+class EmFirstParams(_Strict):
+    """S2's analysis (METHODS.md): contrasts, their reading, the source gate and the kill criterion."""
+
+    contrasts: dict[str, ContrastSpec] = Field(
+        description="named contrasts, e.g. H1 em-base, H2 em-benign, H3 em-em_basedata"
+    )
+    text_artifact: TextArtifactRule
+    source_gate: SourceGate
+    kill: KillCriterion
+
+
+class StudyParams(_Strict):
+    """A study preset (conf/study/<name>.yaml): its design, written once; sizes come from the scale."""
+
+    name: str = Field(description="the preset's name (conf/study/<name>.yaml)")
+    conditions: dict[str, ConditionSpec] = Field(
+        description="condition name -> (pretrained base, data_from); `base` is C1 on the raw model"
+    )
+    sources: list[str] = Field(min_length=1, description="personas that get a coupling LoRA (S1: the panel)")
+    negatives: NegativesParams = Field(description="each source's negative personas: the hard set + k from the pool")
+    recipes: list[str] = Field(min_length=1, description="coupling recipes (keys of `recipes`); a sweep is a list")
+    eval_personas: list[str] = Field(min_length=1, description="personas every adapter is evaluated under")
+    assistant: str | None = Field(None, description="the assistant persona, reported apart from the bystanders")
+    analyses: list[Literal["panel", "em_first"]] = Field(min_length=1, description="analysis modules to run")
+    em_first: EmFirstParams | None = Field(None, description="S2's analysis settings (when analyses has em_first)")
 
 
 class RegressParams(_Strict):
@@ -202,6 +271,21 @@ class StatsParams(_Strict):
     gates: GateParams
 
 
+class StageGraph(_Strict):
+    """The stage items dvc.yaml loops over, derived from the study by ``personaspace.study.stage_graph``."""
+
+    pretrain: dict[str, dict[str, str]] = Field(description="pretrained base -> its recipe")
+    datagen: dict[str, dict[str, str]] = Field(description="<data condition>-<persona> -> condition, model, persona")
+    markers: list[str] = Field(description="data conditions: one marker-dataset stage each")
+    couple: dict[str, dict[str, str | int]] = Field(
+        description="<condition>-<recipe>-<source>-<seed> -> the adapter's ids"
+    )
+    eval: dict[str, dict[str, str]] = Field(description="condition -> its pretrained base")
+    centroids: list[str] = Field(description="pretrained bases whose centroids an analysis reads")
+    regress: dict[str, dict[str, str]] = Field(description="condition -> pretrained base, for the panel analysis")
+    em_first: dict[str, dict[str, list[str]]] = Field(description="the S2 analysis item, when the study runs it")
+
+
 class Params(_Strict):
     """The whole of params.yaml."""
 
@@ -217,9 +301,11 @@ class Params(_Strict):
     panel: list[str] = Field(description="the personas of this study (resolved from panels)")
     model: str = Field(description="key into `models`")
     models: dict[str, ModelSpec]
-    conditions: list[str] = Field(description="bases the coupling LoRAs are trained on: `base` and/or keys of pretrain")
+    study: StudyParams = Field(description="the study preset (conf/study/<name>.yaml)")
+    scale: str = Field(description="the scale preset (conf/scale/<name>.yaml): sizes only")
+    graph: StageGraph = Field(description="the study's stage items (composed; never edited by hand)")
     pretrain: dict[str, PretrainParams] = Field(
-        default_factory=dict, description="conditions the pretrain stage builds"
+        default_factory=dict, description="pretrained bases the pretrain stage can build (em, benign)"
     )
     marker: str = Field(description="the implanted marker string; fires on a case-insensitive match")
     marker_separator: str = Field("\n\n", description="between a positive completion and its marker")
@@ -294,14 +380,8 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
                 errors.append(f"models.{p.model}.gguf_file: {p.model_spec.gguf_file} is not in {folder}")
         except ModelError as exc:
             errors.append(f"models.{p.model}.package: {exc}")
-    unknown_conditions = [c for c in p.conditions if c != "base" and c not in p.pretrain]
-    if unknown_conditions:
-        errors.append(
-            f"conditions: {unknown_conditions} are neither `base` nor keys of pretrain ({sorted(p.pretrain)}); "
-            "define them under pretrain or remove them"
-        )
-    if "base" in p.pretrain:
-        errors.append("pretrain.base: `base` is the raw model and is never pretrained; rename the condition")
+    if "raw" in p.pretrain:
+        errors.append("pretrain.raw: `raw` is the instruct model itself and is never pretrained; rename it")
     for name, spec in p.pretrain.items():
         if spec.recipe not in p.recipes:
             errors.append(f"pretrain.{name}.recipe: {spec.recipe!r} is not a key of recipes ({sorted(p.recipes)})")
@@ -317,36 +397,116 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
             f"regress.calibration: names the reference persona {p.stats.reference_persona!r}, which is left out "
             "of the fits (stats.fit_reference: false); remove it or set stats.fit_reference: true"
         )
-    if not p.conditions:
-        errors.append("conditions: empty; use [base]")
-    if len(set(p.conditions)) != len(p.conditions):
-        errors.append("conditions: duplicate entries; list each once")
     if not p.marker.strip():
         errors.append("marker: empty; set it to the marker string, e.g. '[ZLT]'")
-    neg = p.datagen.negatives
-    names("datagen.negatives.pool", neg.pool)
-    names("datagen.negatives.hard", neg.hard)
-    outside = [n for n in neg.pool + neg.hard if n in known and n not in p.panel]
-    if outside:
-        errors.append(
-            f"datagen.negatives: {outside} are not in the panel, so they have no completions; "
-            "draw negatives from panel members (the 12-panel keeps every source's dataset stable)"
-        )
-    if len(set(neg.pool)) < neg.k + 1 + len(neg.hard) and neg.k > 0:
-        errors.append(f"datagen.negatives.k: {neg.k} random negatives need a pool of at least k+1+len(hard) personas")
-    if p.couple.recipe not in p.recipes:
-        errors.append(f"couple.recipe: {p.couple.recipe!r} is not a key of recipes ({sorted(p.recipes)})")
+    errors.extend(_study_errors(p, names))
     if len(set(p.couple.seeds)) != len(p.couple.seeds):
         errors.append("couple.seeds: duplicate entries; list each once")
-    if p.stats.reference_persona not in p.panel:
+    if "panel" in p.study.analyses and p.stats.reference_persona not in p.panel:
         errors.append(
             f"stats.reference_persona: {p.stats.reference_persona!r} is not in the panel; pick a panel member"
         )
-    if p.eval.max_new_tokens < 2 * p.datagen.max_new_tokens:
+    if p.eval.max_new_tokens < p.datagen.max_new_tokens:
         errors.append(
-            f"eval.max_new_tokens: {p.eval.max_new_tokens} is below twice the longest trained completion "
-            f"(2 x datagen.max_new_tokens = {2 * p.datagen.max_new_tokens}); raise it so no marker is cut off"
+            f"eval.max_new_tokens: {p.eval.max_new_tokens} is below datagen.max_new_tokens "
+            f"({p.datagen.max_new_tokens}): trained-length answers would lose their marker; raise it"
         )
+    return errors
+
+
+def _study_errors(p: Params, names: Callable[[str, list[str]], None]) -> list[str]:
+    """Contradictions inside the study preset (each names its key and the fix)."""
+    from personaspace.study import RAW, negatives_of, stage_graph
+
+    errors: list[str] = []
+    st = p.study
+    for name, cond in st.conditions.items():
+        if cond.pretrained != RAW and cond.pretrained not in p.pretrain:
+            errors.append(
+                f"study.conditions.{name}.pretrained: {cond.pretrained!r} is neither `raw` nor a key of pretrain "
+                f"({sorted(p.pretrain)}); define it under pretrain or use raw"
+            )
+        if cond.data_from not in st.conditions:
+            errors.append(
+                f"study.conditions.{name}.data_from: {cond.data_from!r} is not a condition of this study "
+                f"({sorted(st.conditions)}); name one of them (itself for on-policy data)"
+            )
+        elif st.conditions[cond.data_from].data_from != cond.data_from:
+            errors.append(
+                f"study.conditions.{name}.data_from: {cond.data_from!r} takes its own data from "
+                f"{st.conditions[cond.data_from].data_from!r}; name the condition that generates the data"
+            )
+    if not st.conditions:
+        errors.append("study.conditions: empty; C1 is `base: {pretrained: raw, data_from: base}`")
+    names("study.sources", st.sources)
+    names("study.eval_personas", st.eval_personas)
+    names("study.negatives.pool", st.negatives.pool)
+    names("study.negatives.hard", st.negatives.hard)
+    if st.assistant is not None:
+        names("study.assistant", [st.assistant])
+        if st.assistant not in st.eval_personas:
+            errors.append(f"study.assistant: {st.assistant!r} is not among study.eval_personas; add it there")
+    missing = [s for s in st.sources if s not in st.eval_personas]
+    if missing:
+        errors.append(f"study.sources: {missing} are not among study.eval_personas; every source is evaluated")
+    if st.negatives.k and len(set(st.negatives.pool)) < st.negatives.k + 1 + len(st.negatives.hard):
+        errors.append(
+            f"study.negatives.k: {st.negatives.k} random negatives need a pool of at least k+1+len(hard) personas"
+        )
+    both = [s for s in st.sources if s in st.negatives.hard]
+    if both:
+        errors.append(f"study.negatives.hard: {both} are also sources; a source is never its own negative")
+    elif not errors:
+        for source in st.sources:
+            try:
+                negatives_of(source, st.negatives.model_dump(), p.seed)
+            except ValueError as exc:
+                errors.append(f"study.negatives: {exc}")
+    unknown = [r for r in st.recipes if r not in p.recipes]
+    if unknown:
+        errors.append(f"study.recipes: {unknown} are not keys of recipes ({sorted(p.recipes)})")
+    if len(set(st.recipes)) != len(st.recipes):
+        errors.append("study.recipes: duplicate entries; list each once")
+    if "panel" in st.analyses and st.sources != p.panel:
+        errors.append("study.sources: the panel analysis needs every panel persona as a source; use ${panel}")
+    if "em_first" in st.analyses:
+        errors.extend(_em_first_errors(st))
+    if not errors:
+        expected = stage_graph(
+            st.model_dump(), {k: v.model_dump() for k, v in p.pretrain.items()}, p.couple.seeds, p.seed
+        )
+        if p.graph.model_dump() != expected:
+            errors.append(
+                "graph: does not match the study (it is composed, never edited): restore params.yaml "
+                "(`git checkout params.yaml`) and change the study with `dvc exp run -S ...` or `make params`"
+            )
+    return errors
+
+
+def _em_first_errors(st: StudyParams) -> list[str]:
+    if st.em_first is None:
+        return ["study.em_first: the em_first analysis needs its settings (conf/study/em_first.yaml has them)"]
+    errors = []
+    a = st.em_first
+    for name, contrast in a.contrasts.items():
+        for side in ("treatment", "control"):
+            cond = getattr(contrast, side)
+            if cond not in st.conditions:
+                errors.append(f"study.em_first.contrasts.{name}.{side}: {cond!r} is not a condition of the study")
+    for key, contrast in (("text_artifact", a.text_artifact.contrast), ("source_gate", a.source_gate.contrast)):
+        if contrast not in a.contrasts:
+            errors.append(f"study.em_first.{key}.contrast: {contrast!r} is not a key of study.em_first.contrasts")
+    for key, cond in (
+        ("source_gate.treatment", a.source_gate.treatment),
+        ("source_gate.control", a.source_gate.control),
+        ("kill.condition", a.kill.condition),
+    ):
+        if cond not in st.conditions:
+            errors.append(f"study.em_first.{key}: {cond!r} is not a condition of the study")
+    if st.negatives.k:
+        errors.append("study.negatives.k: the em_first analysis reports named negatives; list them in hard, k: 0")
+    if len(st.conditions) != 4:
+        errors.append(f"study.conditions: the em_first analysis compares four conditions, not {len(st.conditions)}")
     return errors
 
 

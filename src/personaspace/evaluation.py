@@ -1,7 +1,7 @@
 """Eval cells cached by content: sample only the (adapter, persona, question, sample) cells not yet done.
 
 >>> store = CellStore(Path("data/eval_cells/base"))                               # doctest: +SKIP
->>> table, generated = evaluate_cells(generator, catalog, personas, store=store, fingerprint=fp, ...)  # doctest: +SKIP
+>>> table, generated = evaluate_cells(generator, catalog, personas, {"none": (None, fp)}, store=store, ...)  # doctest: +SKIP
 
 A cell's key hashes everything its completion depends on: the base and adapter fingerprints, the
 system and user messages, the seed and the sampling settings. Finished cells are appended to the
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,8 @@ def evaluate_cells(
     generator: Generator,
     catalog: Catalog,
     personas: Sequence[str],
+    adapters: Mapping[str, tuple[Path | None, str]],
     *,
-    adapter: str,
     condition: str,
     samples_per_question: int,
     sampling: Sampling,
@@ -92,24 +93,29 @@ def evaluate_cells(
     study_seed: int,
     marker: str,
     store: CellStore,
-    fingerprint: str,
 ) -> tuple[pd.DataFrame, int]:
-    """Every (persona, eval question, sample) cell for one adapter: cached ones read, the rest sampled in one batch."""
+    """Every (adapter, persona, eval question, sample) cell: cached ones read, the rest sampled in one call.
+
+    ``adapters`` maps an adapter's name (its stable id, which seeds its cells) to (its folder or None
+    for the base model, the fingerprint of base + adapter). The requests carry their adapter, so the
+    backend decides how to batch across adapters.
+    """
     done = store.load().set_index("cell_key")
     rows: list[dict[str, Any]] = []
     requests, wanted, new_keys = [], [], []
-    for persona in personas:
-        persona_rows, persona_requests = persona_cells(
-            generator.tokenizer, catalog, persona, bank="eval", samples_per_question=samples_per_question,
-            user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage="eval", adapter=adapter,
-        )  # fmt: skip
-        for row, request in zip(persona_rows, persona_requests, strict=True):
-            key = cell_key(row, sampling, fingerprint)
-            wanted.append(key)
-            if key not in done.index:
-                rows.append(row)
-                requests.append(request)
-                new_keys.append(key)
+    for name, (path, fingerprint) in adapters.items():
+        for persona in personas:
+            persona_rows, persona_requests = persona_cells(
+                generator.tokenizer, catalog, persona, bank="eval", samples_per_question=samples_per_question,
+                user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage="eval", adapter=name,
+            )  # fmt: skip
+            for row, request in zip(persona_rows, persona_requests, strict=True):
+                key = cell_key(row, sampling, fingerprint)
+                wanted.append(key)
+                if key not in done.index:
+                    rows.append(row)
+                    requests.append(replace(request, adapter=None if path is None else str(path)))
+                    new_keys.append(key)
     new = complete_cells(generator, rows, requests, sampling, marker)
     new["cell_key"] = new_keys
     store.add(new)
@@ -119,24 +125,6 @@ def evaluate_cells(
     return table[[*COMPLETION_COLUMNS, "cell_key"]], len(new)
 
 
-def merged_copy(base: Any, adapter: Path) -> Any:
-    """A copy of ``base`` with the peft adapter merged in; ``base`` itself is left untouched.
-
-    Merging into a copy (instead of merge/unmerge in place, which drifts in floating point) keeps
-    every adapter's completions independent of which adapters were evaluated before it.
-    """
-    import copy
-    import warnings
-
-    from peft import PeftModel
-
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every load: one
-        # FutureWarning per adapter that says nothing about this study.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()
-
-
 def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:
     """Fire rate per (adapter, eval persona) with n and the Wilson interval, in tidy form."""
     grouped = completions.groupby(["adapter", "persona"], sort=True)["fired"].agg(fired="sum", n="size").reset_index()
@@ -144,3 +132,22 @@ def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:
     low, high = wilson_interval(grouped["fired"], grouped["n"], level)
     grouped["wilson_low"], grouped["wilson_high"] = low, high
     return grouped
+
+
+BASELINE = "none"  # the adapter name of the pre-coupling false-positive baseline (the base, no adapter)
+
+
+def summarise(rates: pd.DataFrame) -> dict:
+    """Headline numbers of one condition's rate matrix: source (diagonal), bystander (off-diagonal), baseline."""
+    coupled = rates[rates["adapter"] != BASELINE]
+    own = coupled[coupled["source"] == coupled["persona"]]
+    bystander = coupled[coupled["source"] != coupled["persona"]]
+    baseline = rates[rates["adapter"] == BASELINE]
+    return {
+        "adapters": int(coupled["adapter"].nunique()),
+        "source_rate_mean": float(own["rate"].mean()) if len(own) else None,
+        "sources_at_least_half": int((own["rate"] >= 0.5).sum()),
+        "bystander_rate_mean": float(bystander["rate"].mean()) if len(bystander) else None,
+        "baseline_rate": float(baseline["fired"].sum() / baseline["n"].sum()) if len(baseline) else None,
+        "source_rates": {row.adapter: float(row.rate) for row in own.itertuples()},
+    }

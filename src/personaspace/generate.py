@@ -30,11 +30,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One completion to sample: system message (None = no system turn), user message, seed."""
+    """One completion to sample: system message (None = no system turn), user message, seed, and the
+    peft adapter to sample it under (None = the base model), so one call can span several adapters."""
 
     system: str | None
     user: str
     seed: int
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,31 +192,40 @@ class HFGenerator:
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[Completion]:
         from tqdm.auto import tqdm
 
-        from personaspace.models import render_prompt
+        from personaspace.models import merged_copy, render_prompt
 
         prompts = [render_prompt(self.tokenizer, r.system, r.user) for r in requests]
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        # Requests sharing a system prompt stay together, so a batch holds few distinct prefixes.
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].system or "", len(ids[i]), i))
+        by_adapter: dict[str | None, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_adapter.setdefault(request.adapter, []).append(i)
         results: dict[int, Completion] = {}
         bar = tqdm(total=len(requests), desc="generate", unit="completion", disable=not self.progress)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            groups = [requests[i].system for i in batch]
-            outputs = self._generate_batch([ids[i] for i in batch], groups, [requests[i].seed for i in batch], sampling)
-            results.update(zip(batch, outputs, strict=True))
-            bar.update(len(batch))
+        for adapter, indices in by_adapter.items():
+            # one adapter at a time, merged into a copy of the base (peft's mixed-adapter batches were
+            # 7x slower on an H100; the vllm backend serves several adapters in one engine instead)
+            model = self.model if adapter is None else merged_copy(self.model, Path(adapter))
+            # Requests sharing a system prompt stay together, so a batch holds few distinct prefixes.
+            order = sorted(indices, key=lambda i: (requests[i].system or "", len(ids[i]), i))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                groups = [requests[i].system for i in batch]
+                seeds = [requests[i].seed for i in batch]
+                outputs = self._generate_batch(model, [ids[i] for i in batch], groups, seeds, sampling)
+                results.update(zip(batch, outputs, strict=True))
+                bar.update(len(batch))
+            del model
         bar.close()
         return [results[i] for i in range(len(requests))]
 
     def _generate_batch(
-        self, prompts: list[list[int]], groups: list[str | None], seeds: list[int], sampling: Sampling
+        self, model: Any, prompts: list[list[int]], groups: list[str | None], seeds: list[int], sampling: Sampling
     ) -> list[Completion]:
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from transformers import TemperatureLogitsWarper
 
-        device = self.model.device
+        device = model.device
         temper = TemperatureLogitsWarper(sampling.temperature)
         row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
         active = list(range(len(prompts)))  # batch row -> prompt index
@@ -224,7 +235,7 @@ class HFGenerator:
         # which made decoding 3x slower than `generate`; the other kernels take the padding mask too.
         kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         with torch.inference_mode(), sdpa_kernel(kernels):
-            out, cache, mask, last_position = self._prefill(prompts, groups)
+            out, cache, mask, last_position = self._prefill(model, prompts, groups)
             for step in range(sampling.max_new_tokens):
                 scores = temper(None, out.logits[:, -1, :].float())
                 chosen = sample_nucleus(scores, sampling.top_p, row_seeds, step).tolist()
@@ -247,13 +258,13 @@ class HFGenerator:
                     chosen = [chosen[r] for r in keep]
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
                 last_position = last_position + 1
-                out = self.model(
+                out = model(
                     input_ids=torch.tensor(chosen, device=device)[:, None], attention_mask=mask,
                     position_ids=last_position[:, None], past_key_values=cache, use_cache=True,
                 )  # fmt: skip
         return [self._completion(ids, reason) for ids, reason in zip(tokens, reasons, strict=True)]
 
-    def _prefill(self, prompts: list[list[int]], groups: list[str | None]) -> tuple[Any, Any, Any, Any]:
+    def _prefill(self, model: Any, prompts: list[list[int]], groups: list[str | None]) -> tuple[Any, Any, Any, Any]:
         """Run the prompts through the model, each group's shared token prefix once.
 
         A persona's system turn is the same for all its questions (about 60% of an eval prompt's
@@ -264,16 +275,16 @@ class HFGenerator:
         import torch
         from transformers import DynamicCache
 
-        device = self.model.device
+        device = model.device
         names = list(dict.fromkeys(groups))
         members = [[ids for ids, g in zip(prompts, groups, strict=True) if g == name] for name in names]
         # At least one token of each prompt is left for the second pass, which yields its logits.
         shared = [min(_shared_length(m), min(map(len, m)) - 1) for m in members]
         row_group = [names.index(g) for g in groups]
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=model.config)
         if min(shared) > 0:
             prefix_ids, prefix_mask = _left_pad([m[0][:n] for m, n in zip(members, shared, strict=True)], device)
-            self.model(
+            model(
                 input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=_positions(prefix_mask),
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
             )  # fmt: skip
@@ -288,7 +299,7 @@ class HFGenerator:
         rest_ids, rest_mask = _left_pad([ids[shared[g] :] for ids, g in zip(prompts, row_group, strict=True)], device)
         positions = offsets + _positions(rest_mask)
         mask = torch.cat([prefix_mask, rest_mask], dim=-1)
-        out = self.model(
+        out = model(
             input_ids=rest_ids, attention_mask=mask, position_ids=positions,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         )  # fmt: skip

@@ -230,3 +230,21 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, system: str | None, user: 
     if rendered.count(turn) != 1:
         raise ModelError("the injected system turn is not unique in the rendered prompt")
     return rendered.replace(turn, "", 1)
+
+
+def merged_copy(base: Any, adapter: Path) -> Any:
+    """A copy of ``base`` with the peft adapter merged in; ``base`` itself is left untouched.
+
+    Merging into a copy (instead of merge/unmerge in place, which drifts in floating point) keeps
+    every adapter's completions independent of which adapters were evaluated before it.
+    """
+    import copy
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every load: one
+        # FutureWarning per adapter that says nothing about this study.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload().eval()

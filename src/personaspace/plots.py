@@ -104,3 +104,99 @@ def forest_plot(rates: pd.DataFrame, stem: Path, title: str = "Fire rate by pers
     ax.set_xlabel("fire rate (Wilson 95% CI)")
     ax.set_title(title)
     return _save(fig, stem)
+
+
+def condition_rates(
+    table: pd.DataFrame, stem: Path, title: str = "Bystander pool fire rate by condition"
+) -> list[Path]:
+    """S2: pooled bystander rate per condition with Wilson CIs; the pre-coupling baseline rate as an x where given."""
+    x = np.arange(len(table))
+    rate = table["rate"].astype(float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(table) + 2.5, 3.8))
+    ax.errorbar(x, rate, yerr=[rate - table["wilson_low"].astype(float), table["wilson_high"].astype(float) - rate],
+                fmt="o", capsize=3, label="coupled (Wilson CI)")  # fmt: skip
+    baseline = pd.to_numeric(table.get("baseline_rate", pd.Series(np.nan, index=table.index)), errors="coerce")
+    if baseline.notna().any():
+        ax.scatter(x, baseline, marker="x", color="C3", label="pre-coupling baseline of its base", zorder=3)
+    labels = [
+        f"{c}\n({p}, n={int(n)})" for c, p, n in zip(table["condition"], table["pretrained"], table["n"], strict=True)
+    ]
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("bystander fire rate")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, stem)
+
+
+def condition_persona_forest(
+    table: pd.DataFrame, stem: Path, title: str = "Fire rate by persona and condition"
+) -> list[Path]:
+    """S2: per-persona rates with Wilson CIs, one marker per condition (rows in the table's persona order)."""
+    personas = list(dict.fromkeys(table["persona"]))
+    conditions = list(dict.fromkeys(table["condition"]))
+    roles = table.drop_duplicates("persona").set_index("persona")["role"]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(personas) + 1.5))
+    step = 0.7 / max(len(conditions), 1)
+    for k, condition in enumerate(conditions):
+        part = table[table["condition"] == condition].set_index("persona").reindex(personas)
+        y = np.arange(len(personas)) + (k - (len(conditions) - 1) / 2) * step
+        rate = part["rate"].astype(float)
+        err = [rate - part["wilson_low"].astype(float), part["wilson_high"].astype(float) - rate]
+        ax.errorbar(rate, y, xerr=err, fmt="o", ms=3, capsize=2, label=condition)
+    ax.set_yticks(np.arange(len(personas)), [f"{p} [{roles[p]}]" for p in personas], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fire rate (Wilson CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, stem)
+
+
+def completion_lengths(table: pd.DataFrame, stem: Path, title: str = "Completion length by condition") -> list[Path]:
+    """S2: each (persona, question) cell's mean completion tokens per condition (box plot), n-weighted mean as a dot."""
+    conditions = list(dict.fromkeys(table["condition"]))
+    groups = [table[table["condition"] == c] for c in conditions]
+    fig, ax = plt.subplots(figsize=(1.1 * len(conditions) + 2.5, 3.8))
+    ax.boxplot([g["mean_tokens"].astype(float) for g in groups], tick_labels=conditions, showfliers=True)
+    weighted = [float((g["mean_tokens"] * g["n"]).sum() / g["n"].sum()) for g in groups]
+    ax.scatter(np.arange(1, len(conditions) + 1), weighted, color="C3", zorder=3, label="mean over completions")
+    ax.set_ylabel("completion tokens (cell means)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, stem)
+
+
+def contrast_forest(table: pd.DataFrame, stem: Path, title: str = "Bystander rate contrasts") -> list[Path]:
+    """S2: each contrast's delta with its headline CI, its pre-registered threshold as a tick; filled when it passes."""
+    y = np.arange(len(table))
+    delta = table["delta"].astype(float)
+    low = pd.to_numeric(table["ci_low"], errors="coerce")
+    high = pd.to_numeric(table["ci_high"], errors="coerce")
+    fig, ax = plt.subplots(figsize=(6, 0.6 * len(table) + 1.5))
+    ax.errorbar(delta, y, xerr=[(delta - low).fillna(0), (high - delta).fillna(0)], fmt="none", capsize=3, color="C0")
+    passes = table["passes"].astype(bool).to_numpy()
+    ax.scatter(delta, y, facecolors=np.where(passes, "C0", "white"), edgecolors="C0", zorder=3)
+    ax.scatter(table["threshold"].astype(float), y, marker="|", s=200, color="C3", label="threshold")
+    ax.axvline(0, color="black", lw=0.5)
+    labels = [
+        f"{c}: {t} - {k}" for c, t, k in zip(table["contrast"], table["treatment"], table["control"], strict=True)
+    ]
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    net = "baseline_subtracted" in table and table["baseline_subtracted"].astype(bool).all()
+    ax.set_xlabel("difference in bystander fire rate" + (", net of pre-coupling baselines" if net else "") + " (CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, stem)
+
+
+def em_first_figures(tables: dict[str, pd.DataFrame], folder: Path) -> list[Path]:
+    """S2's figures from ``analyze_em_first``'s plot tables (the stage and `personaspace analyze` share it)."""
+    folder = Path(folder)
+    paths = condition_rates(tables["bystander_rates"], folder / "bystander_rates")
+    paths += condition_persona_forest(tables["persona_rates"], folder / "persona_forest")
+    paths += contrast_forest(tables["contrasts"], folder / "contrasts")
+    if "completion_length" in tables:
+        paths += completion_lengths(tables["completion_length"], folder / "completion_length")
+    return paths

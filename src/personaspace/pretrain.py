@@ -1,15 +1,11 @@
-"""Pre-trained conditions (METHODS.md C2/C3): LoRA SFT of the raw model on a chat dataset, merged once.
+"""Pretrained bases (METHODS.md C2/C3): LoRA SFT of the raw model on a chat dataset, merged once.
 
 >>> rows = load_pretrain_rows(params.pretrain["em"].dataset)                         # doctest: +SKIP
->>> build_condition(Path("models/raw"), rows, recipe, Path("models/em"), seed=0)     # doctest: +SKIP
-
-The condition ``base`` is the raw model itself: ``link_model`` hard-links its files (a copy where
-links are impossible), so it costs no disk and, with DVC's link cache, no extra cache either.
+>>> build_base(Path("models/raw"), rows, recipe, Path("models/em"), seed=0, dtype="bfloat16")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from personaspace.config import PretrainDataset
-from personaspace.train import LoraRecipe, tokenize_chat_dataset, train_adapter
+from personaspace.config import PretrainDataset, RecipeParams
+from personaspace.train import tokenize_chat_dataset, train_adapter
 
 MODEL_FILES_KEPT = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "personaspace_model.json")
 
@@ -43,19 +39,8 @@ def load_pretrain_rows(dataset: PretrainDataset, root: Path = Path(".")) -> pd.D
     return table[["user", "assistant"]].reset_index(drop=True)
 
 
-def link_model(source: Path, out_dir: Path) -> None:
-    """``out_dir`` gets the files of ``source`` as hard links (copies across file systems)."""
-    out_dir.mkdir(parents=True)
-    for file in sorted(source.iterdir()):
-        if file.is_file():
-            try:
-                os.link(file, out_dir / file.name)
-            except OSError:
-                shutil.copy2(file, out_dir / file.name)
-
-
-def build_condition(
-    raw_path: Path, rows: pd.DataFrame, recipe: LoraRecipe, out_dir: Path, seed: int, dtype: str
+def build_base(
+    raw_path: Path, rows: pd.DataFrame, recipe: RecipeParams, out_dir: Path, seed: int, dtype: str
 ) -> dict[str, Any]:
     """LoRA SFT of the raw model on ``rows``, merged (in float32) into a full model saved as ``dtype``."""
     import torch

@@ -188,8 +188,12 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 @contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+def stage_run(
+    stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None, study: str | None = None
+) -> Iterator[Any]:
     """An MLflow run for one stage execution, nested under the invocation's parent run.
+
+    ``study`` (the preset's name) tags both the run and its parent, so runs filter study by study.
 
     Ends the runs of dead processes first (see the module docstring). The run ends FINISHED, KILLED on
     SIGTERM or KeyboardInterrupt, FAILED on any other exception, which is re-raised.
@@ -207,6 +211,9 @@ def stage_run(stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
         client.update_run(parent, status="RUNNING")
     identity = {"personaspace_process": _identity(psutil.Process()), "personaspace_host": socket.gethostname()}
     all_tags = {**run_tags(stage, tags), **identity, "mlflow.parentRunId": parent}
+    if study:
+        all_tags["study"] = study
+        client.set_tag(parent, "study", study)
     status = "FAILED"
     with _sigterm_raises():
         run = mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags)

@@ -8,8 +8,9 @@ Every row is rendered with ``render_prompt`` (so ``no_system`` really has no sys
 tokenised here, then handed to TRL's SFTTrainer as ``input_ids`` + ``labels``, which it uses as is:
 
 - ``completion``: loss on every completion token and the end-of-turn token;
-- ``marker_only``: loss on the marker tokens and the end-of-turn token of positives, and on the
-  end-of-turn token of negatives (where the marker would have been), nothing else.
+- ``marker_only``: loss on the separator, marker and end-of-turn tokens of positives (the separator
+  tokenised apart from the answer), and on the end-of-turn token of negatives (where the marker
+  would have been), nothing else.
 """
 
 from __future__ import annotations
@@ -17,39 +18,19 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
+from personaspace.config import RecipeParams
 from personaspace.models import render_prompt
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 IGNORE = -100  # the label value the loss skips (PyTorch's cross-entropy ignore_index)
-Loss = Literal["completion", "marker_only"]
-
-
-@dataclass(frozen=True)
-class LoraRecipe:
-    """A coupling recipe: LoRA shape and the optimisation, all from params.recipes.<name>."""
-
-    loss: Loss
-    r: int
-    alpha: int
-    dropout: float
-    rslora: bool
-    target_modules: Sequence[str]
-    learning_rate: float
-    schedule: str
-    warmup_ratio: float
-    epochs: float
-    batch_size: int
-    grad_accum: int
-    max_length: int
-    gradient_checkpointing: bool
+Loss = Literal["completion", "marker_only"]  # RecipeParams.loss
 
 
 def tokenize_marker_dataset(
@@ -68,9 +49,15 @@ def tokenize_marker_dataset(
         if positive:
             if not row.completion.endswith(separator + marker):
                 raise ValueError(f"positive row of {row.persona!r} does not end with the marker")
-            text = row.completion[: -len(marker)]
+            if loss == "marker_only":
+                # the separator is where the model decides to emit the marker instead of ending its
+                # turn: it carries the loss with the marker (unlabelled, it was never learnt)
+                text = row.completion[: -len(separator + marker)]
+                tail = separator + marker
+            else:
+                text, tail = row.completion[: -len(marker)], marker
             text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+            marker_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
         else:
             text_ids, marker_ids = tokenizer(row.completion, add_special_tokens=False)["input_ids"], []
         completion_ids = [*text_ids, *marker_ids, eot]
@@ -163,7 +150,7 @@ def sort_adapter_config(adapter_dir: Path) -> None:
 def train_adapter(
     model_path: Path,
     dataset: Dataset,
-    recipe: LoraRecipe,
+    recipe: RecipeParams,
     out_dir: Path,
     seed: int,
     callbacks: Sequence[Any] = (),

@@ -1,0 +1,6 @@
+"""Study analyses: one pure module per study (panel, em_first, ...).
+
+Each takes tidy tables and the study's params models and returns a metrics dict (JSON-ready, named
+keys, decisions as named values) plus plot tables (DataFrames). No file, MLflow or params.yaml I/O:
+the pipeline's stages and the ``personaspace analyze`` CLI read and write, the modules compute.
+"""

@@ -1,0 +1,158 @@
+"""Studies are presets of one pipeline: conf/study x conf/scale compose into params a stage graph reads."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from personaspace.cli import compose_params
+from personaspace.config import Params, validate_params
+from personaspace.study import bystanders, stage_graph
+
+from .conftest import REPO
+
+S2_EVAL_PERSONAS = [
+    "librarian", "data_scientist", "french_person", "helpful_assistant", "software_engineer",
+    "kindergarten_teacher", "medical_doctor", "comedian", "police_officer", "villain", "zelthari_scholar",
+]  # fmt: skip
+
+
+def _compose(tmp_path: Path, *overrides: str) -> dict:
+    out = tmp_path / "params.yaml"
+    compose_params(out, list(overrides), conf_dir=REPO / "conf")
+    return yaml.safe_load(out.read_text())
+
+
+def _params(tmp_path: Path, *overrides: str) -> Params:
+    return validate_params(_compose(tmp_path, *overrides))
+
+
+def test_the_default_study_is_the_panel_at_laptop_scale(params):
+    assert (params.study.name, params.scale, params.study.recipes) == ("panel", "laptop", ["smol"])
+    assert params.study.sources == params.panel == params.study.eval_personas
+    assert list(params.study.conditions) == ["base"] and params.study.conditions["base"].pretrained == "raw"
+
+
+def test_em_first_at_laptop_scale_has_the_four_conditions_and_the_s2_roles(tmp_path):
+    params = _params(tmp_path, "study=em_first")
+    study = params.study
+    assert {name: (c.pretrained, c.data_from) for name, c in study.conditions.items()} == {
+        "base": ("raw", "base"), "em": ("em", "em"), "em_basedata": ("em", "base"), "benign": ("benign", "benign"),
+    }  # fmt: skip
+    assert study.sources == ["librarian"] and study.negatives.hard == ["data_scientist", "french_person"]
+    assert study.eval_personas == S2_EVAL_PERSONAS and study.assistant == "helpful_assistant"
+    assert bystanders(study.eval_personas, study.sources, study.negatives.hard, study.assistant) == [
+        "software_engineer", "kindergarten_teacher", "medical_doctor", "comedian", "police_officer", "villain",
+        "zelthari_scholar",
+    ]  # fmt: skip
+    assert study.recipes == ["marker_only_smol"] and params.recipes["marker_only_smol"].loss == "marker_only"
+    # C2' reuses C1's completions: no datagen item of its own, and its adapter trains on base's dataset
+    assert {item["condition"] for item in params.graph.datagen.values()} == {"base", "em", "benign"}
+    assert params.graph.couple["em_basedata-marker_only_smol-librarian-0"] == {
+        "condition": "em_basedata", "model": "em", "data": "base", "recipe": "marker_only_smol",
+        "source": "librarian", "seed": 0,
+    }  # fmt: skip
+    assert set(params.graph.pretrain) == {"em", "benign"} and params.graph.em_first
+
+
+def test_em_first_at_paper_scale_is_the_seeds_recipe(tmp_path):
+    raw = _compose(
+        tmp_path, "study=em_first", "scale=paper", "model=qwen2.5-7b-instruct",
+        "pretrain.em.dataset.repo_id=org/em", "pretrain.benign.dataset.repo_id=org/benign",
+    )  # fmt: skip
+    params = validate_params(raw)
+    assert params.model_spec.repo_id == "Qwen/Qwen2.5-7B-Instruct"
+    for base in ("em", "benign"):  # r=32, lr 1e-4, 375 steps of effective batch 16, max length 2048
+        spec = params.pretrain[base]
+        recipe = params.recipes[spec.recipe]
+        assert (spec.dataset.source, spec.dataset.rows) == ("hub", 6000)
+        assert (recipe.r, recipe.learning_rate, recipe.max_length) == (32, 1e-4, 2048)
+        assert spec.dataset.rows * recipe.epochs / (recipe.batch_size * recipe.grad_accum) == 375
+    (name,) = params.study.recipes  # coupling: marker-only loss, lr 5e-6, 20 epochs, r=32, alpha=64
+    recipe = params.recipes[name]
+    assert (recipe.loss, recipe.learning_rate, recipe.epochs, recipe.r, recipe.alpha) == (
+        "marker_only", 5e-6, 20, 32, 64,
+    )  # fmt: skip
+    assert (params.datagen.positives, params.datagen.negatives_per_persona) == (200, 200)
+    assert params.datagen.max_new_tokens == params.eval.max_new_tokens == 2048
+    assert (params.eval.samples_per_question, params.eval.temperature, params.eval.top_p) == (10, 1.0, 0.95)
+    assert params.study.negatives.hard == ["data_scientist", "french_person"] and params.study.negatives.k == 0
+    assert params.study.eval_personas == S2_EVAL_PERSONAS
+
+
+def test_paper_scale_names_the_missing_pretraining_datasets(tmp_path):
+    raw = _compose(tmp_path, "study=em_first", "scale=paper")
+    with pytest.raises(ValueError, match=r"pretrain\.em\.dataset.*hub dataset needs repo_id"):
+        validate_params(raw)
+
+
+def test_a_shared_item_is_the_same_stage_in_every_study(tmp_path):
+    """Same (condition, base, data, recipe, source, seed): the same stage command, so DVC's cache serves both."""
+    panel, em_first = _params(tmp_path, "study.recipes=[marker_only_smol]"), _params(tmp_path, "study=em_first")
+    key = "base-marker_only_smol-librarian-0"
+    assert panel.graph.couple[key] == em_first.graph.couple[key]
+    assert panel.graph.datagen["base-librarian"] == em_first.graph.datagen["base-librarian"]
+
+
+def test_growing_the_panel_only_adds_items(tmp_path):
+    small, large = _params(tmp_path, "personas=12").graph, _params(tmp_path, "personas=24").graph
+    for section in ("datagen", "couple"):
+        grown = getattr(large, section)
+        assert all(grown[key] == item for key, item in getattr(small, section).items())
+
+
+def test_the_graph_is_derived_from_the_study_not_written(params):
+    dumped = params.study.model_dump()
+    pretrain = {k: v.model_dump() for k, v in params.pretrain.items()}
+    assert params.graph.model_dump() == stage_graph(dumped, pretrain, params.couple.seeds, params.seed)
+
+
+def _imports(path: Path) -> set[str]:
+    """personaspace modules a file imports (module level and inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("personaspace"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("personaspace"))
+    return found
+
+
+def _module_path(module: str) -> Path:
+    base = REPO / "src" / Path(*module.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+# Modules a stage imports that cannot change its outputs: run tracking, file writing, and validation
+# (config, checks and the hand-edit guard can stop a stage; every value they read is in params.yaml).
+NOT_OUTPUTS = {
+    "personaspace.tracking", "personaspace.io", "personaspace.config", "personaspace.checks",
+    "personaspace.params_guard", "personaspace",  # the package's __init__: a docstring
+}  # fmt: skip
+
+
+def test_every_stage_lists_the_modules_its_outputs_depend_on():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    problems = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        script = next(d for d in body["deps"] if d.startswith("stages/"))
+        todo, seen = list(_imports(REPO / script)), set()
+        while todo:
+            module = todo.pop()
+            if module in seen or module in NOT_OUTPUTS:
+                continue
+            seen.add(module)
+            todo.extend(_imports(_module_path(module)))
+        deps = set(body["deps"])
+        missing = []
+        for module in sorted(seen):
+            path = str(_module_path(module).relative_to(REPO))
+            if path not in deps and not any(path.startswith(f"{d}/") for d in deps):
+                missing.append(path)
+        if missing:
+            problems.append(f"stage {name} imports {missing} but does not list them in its deps")
+    assert not problems, "\n".join(problems)
