@@ -86,7 +86,9 @@ def tiny_repo(tmp_path_factory) -> Path:
         (repo / stale).unlink(missing_ok=True)
     config = repo / "conf" / "config.yaml"
     composed = _merge(yaml.safe_load(config.read_text()), TINY)
-    composed["defaults"] = [{"scale": "tiny"} if entry == {"scale": "laptop"} else entry for entry in composed["defaults"]]
+    composed["defaults"] = [
+        {"scale": "tiny"} if entry == {"scale": "laptop"} else entry for entry in composed["defaults"]
+    ]
     config.write_text(yaml.safe_dump(composed, sort_keys=False))
     scale = _merge(yaml.safe_load((repo / "conf/scale/laptop.yaml").read_text()), TINY_SCALE)
     (repo / "conf/scale/tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(scale, sort_keys=False))
@@ -302,7 +304,9 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(tiny_repo):
     assert any(not raw[k].equal(em[k]) for k in raw)
     assert not list((tiny_repo / "models/em").glob("adapter_*"))  # merged, not an adapter
     dataset = pd.read_parquet(tiny_repo / "data/markers/base/librarian.parquet")
-    assert set(dataset.persona) == set(personas) and set(dataset[dataset.role == "negative"].persona) == set(personas[:2])
+    assert set(dataset.persona) == set(personas) and set(dataset[dataset.role == "negative"].persona) == set(
+        personas[:2]
+    )
     for condition in conditions:
         completions = pd.read_parquet(tiny_repo / f"data/eval/{condition}/completions.parquet")
         assert len(completions) == 2 * 11 * 20  # the librarian adapter + the baseline, x 11 eval personas x 20
