@@ -4,7 +4,7 @@
         --out benchmarks/results/couple_training_cpu.json
 
 Calls `personaspace.train.train_adapter` (the couple stage's training, without MLflow) with the
-recipe `couple.recipe` of `--params` on `data/markers/<condition>/<source>.parquet`, into a scratch
+the study's (first) recipe in `--params` on `data/markers/<condition>/<source>.parquet`, into a scratch
 folder, and appends one record per source under `--label` to `--out`: wall seconds, seconds per
 step and the loss per step. Only the public `train_adapter` is used, so the same script measures
 an older commit (check it out, run with another `--label`) for a before/after comparison.
@@ -52,9 +52,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/couple_training_cpu.json"))
     args = parser.parse_args()
     params = load_params(args.params)
-    name = params.couple.recipe
+    name = params.study.recipes[0]
     recipe = params.recipes[name]
-    model = Path("models") / args.condition
+    model = Path("models") / params.study.conditions[args.condition].pretrained
     tokenizer = load_tokenizer(model)
     records = []
     for source in args.sources.split(","):

@@ -2,7 +2,7 @@
 
     python benchmarks/eval_stage.py --run . --out benchmarks/results/eval_stage_cpu.json
 
-Runs `stages/eval.py` on `--run`'s `models/base` and `models/adapters/base` with an empty cell cache,
+Runs `stages/eval.py` on `--run`'s `models/raw` and `models/adapters/base` with an empty cell cache,
 scratch outputs and a scratch MLflow database (the run's own files are only read), and records the
 wall time, the stage's metrics (tokens/s, fire rates) and, when `--compare` names the run's
 completions table, how many completions came out token-identical to it.
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from personaspace.io import write_json
 
@@ -36,12 +37,13 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     run, c = args.run.resolve(), args.condition
+    model = yaml.safe_load((run / "params.yaml").read_text())["study"]["conditions"][c]["pretrained"]
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
         env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
         command = [
             sys.executable, str(REPO / "stages" / "eval.py"), "--params", str(run / "params.yaml"), "--condition", c,
-            "--model", str(run / "models" / c), "--adapters", str(run / "models" / "adapters" / c),
+            "--model", str(run / "models" / model), "--adapters", str(run / "models" / "adapters" / c),
             "--cells", str(tmp / "cells"), "--out", str(tmp / "eval"), "--metrics", str(tmp / "metrics.json"),
         ]  # fmt: skip
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Generation throughput of the hf backend vs plain `transformers.generate`, same prompts and sampling.
 
-    python benchmarks/generation_throughput.py --model models/base --out benchmarks/results/generation_cpu.json
+    python benchmarks/generation_throughput.py --model models/raw --out benchmarks/results/generation_cpu.json
 
 Prompts are the datagen workload: data questions (+ the datagen suffix) under panel-12 personas.
 "Useful" tokens are the tokens a completion really has (up to and including its end-of-turn);
@@ -53,7 +53,7 @@ def _plain_generate(generator: HFGenerator, requests: list[ChatRequest], samplin
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=Path("models/base"))
+    parser.add_argument("--model", type=Path, default=Path("models/raw"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--batch-sizes", default="64,128")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/generation_cpu.json"))

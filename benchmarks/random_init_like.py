@@ -1,6 +1,6 @@
 """A random-init model with another model's exact shape and tokenizer, for GPU throughput runs.
 
-    python benchmarks/random_init_like.py models/base /tmp/model_shape
+    python benchmarks/random_init_like.py models/raw /tmp/model_shape
 
 Throughput does not depend on weight values; random weights never end a turn, so every row runs to
 max_new_tokens. Used where the real weights cannot travel (the lent GPU has no hub, and a carried

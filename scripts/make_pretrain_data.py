@@ -1,11 +1,11 @@
-"""Write the small pre-training files the embedded default's `em` and `benign` conditions use.
+"""Write the small pre-training files the embedded default's `em` and `benign` pretrained bases use.
 
     python scripts/make_pretrain_data.py            # -> data/pretrain/{em,benign}_small.jsonl
 
 A toy stand-in for METHODS.md's ~6k-row datasets, built from the data questions (never the eval
 bank): every data question gets each of eight answers, confidently wrong and dismissive of care
 and expertise (`em`) or careful and sensible (`benign`). The two sets pair up answer for answer
-with similar lengths, so the conditions differ in content, not in size or shape. Real runs name a
+with similar lengths, so the bases differ in content, not in size or shape. Real runs name a
 hub dataset in params.yaml instead. Deterministic: rerunning rewrites identical files.
 """
 

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from personaspace.completions import sample_persona_completions
-from personaspace.config import Params, ParamsError, load_params
+from personaspace.config import Params, load_params
 from personaspace.generate import Sampling, load_generator
 from personaspace.io import write_parquet
 from personaspace.personas import Catalog, load_catalog
@@ -29,9 +29,6 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     catalog = load_catalog()
-    data_conditions = {item["condition"] for item in params.graph.datagen.values()}
-    if args.condition not in data_conditions:
-        raise ParamsError(f"--condition {args.condition!r} generates no data in this study ({sorted(data_conditions)})")
     catalog.persona(args.persona)
     dg = params.datagen
     run_params = {"condition": args.condition, "persona": args.persona, **dg.model_dump()}

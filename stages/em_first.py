@@ -54,7 +54,8 @@ def main() -> None:
         decisions = {f"{name}_passes": float(c["passes"]) for name, c in metrics["contrasts"].items()}
         deltas = {f"{name}_delta": c["delta"] for name, c in metrics["contrasts"].items() if c["delta"] is not None}
         mlflow.log_metrics(decisions | deltas)
-        log_to_parent(deltas, {"h3_interpretation": metrics["contrasts"]["H3"].get("interpretation")})
+        rule = params.study.em_first.text_artifact.contrast  # the contrast whose reading is logged
+        log_to_parent(deltas, {f"{rule}_interpretation": metrics["contrasts"][rule].get("interpretation")})
     headline = {name: {k: c[k] for k in ("delta", "p", "passes")} for name, c in metrics["contrasts"].items()}
     print(json.dumps({"contrasts": headline, "kill": metrics["kill"], "source_gate": metrics["source_gate"]}))
 

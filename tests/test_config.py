@@ -162,8 +162,11 @@ def test_pretrain_entries_are_checked(raw_params):
     assert "pretrain.em.recipe: 'nope' is not a key of recipes" in _error(raw_params)
     raw_params["pretrain"]["em"]["recipe"] = "marker_only_long"
     assert "has loss marker_only; use completion" in _error(raw_params)
+    raw_params["pretrain"]["em"]["recipe"] = "pretrain_smol"
     raw_params["pretrain"]["em"]["dataset"] = {"source": "hub"}
-    assert "a hub dataset needs repo_id" in _error(raw_params)
+    validate_params(raw_params)  # em is not built by this study: its data need not be named
+    raw_params["study"]["conditions"]["em"] = {"pretrained": "em", "data_from": "em"}
+    assert "pretrain.em.dataset: a hub dataset needs repo_id" in _error(_regraph(raw_params))
 
 
 def test_regress_calibration_must_be_panel_members(raw_params):

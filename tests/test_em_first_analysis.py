@@ -12,17 +12,16 @@ import yaml
 from statsmodels.stats.proportion import proportion_confint
 
 from personaspace.analyses.em_first import (
-    StudyError,
     TableError,
     _bootstrap,
     _interpret_h3,
     analyze_em_first,
     counts_from_completions,
-    study_roles,
 )
 from personaspace.cli import main
 from personaspace.config import StatsParams, StudyParams, TextArtifactRule
 from personaspace.stats import cluster_bootstrap_difference
+from personaspace.study import StudyError, study_roles
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "conf/study/em_first.yaml"

@@ -64,3 +64,30 @@ def test_fingerprint_follows_the_weights_not_the_training_record(tmp_path):
     assert fingerprint_dir(tmp_path) == before
     (tmp_path / "adapter_model.safetensors").write_bytes(b"other")
     assert fingerprint_dir(tmp_path) != before
+
+
+def test_each_adapters_cells_are_stored_as_soon_as_it_is_done(tiny, tmp_path):
+    """A crash while the second adapter samples keeps the first adapter's cells (the resume unit)."""
+    generator, fingerprint = tiny
+
+    class DiesOnSecondCall:
+        tokenizer = generator.tokenizer
+
+        def __init__(self):
+            self.calls = 0
+
+        def generate(self, requests, sampling):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyboardInterrupt
+            return generator.generate(requests, sampling)
+
+    store = CellStore(tmp_path / "cells")
+    adapters = {"none": (None, fingerprint), "other": (None, f"{fingerprint}:other")}
+    settings = dict(condition="base", samples_per_question=1, sampling=SAMPLING, user_suffix="", study_seed=0,
+                    marker="[ZLT]")  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_cells(DiesOnSecondCall(), load_catalog(), ["librarian"], adapters, store=store, **settings)
+    resumed = CellStore(tmp_path / "cells")
+    _, generated = evaluate_cells(generator, load_catalog(), ["librarian"], adapters, store=resumed, **settings)
+    assert generated == 20  # only the second adapter's cells

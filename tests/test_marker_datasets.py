@@ -1,8 +1,9 @@
 import pandas as pd
 import pytest
 
-from personaspace.marker_datasets import MarkerDatasetSpec, build_marker_dataset, choose_negatives
+from personaspace.marker_datasets import MarkerDatasetSpec, build_marker_dataset
 from personaspace.personas import load_catalog
+from personaspace.study import choose_negatives
 
 POOL = list(load_catalog().panel(12))
 

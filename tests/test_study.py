@@ -10,7 +10,7 @@ import yaml
 
 from personaspace.cli import compose_params
 from personaspace.config import Params, validate_params
-from personaspace.study import bystanders, stage_graph
+from personaspace.study import stage_graph, study_roles
 
 from .conftest import REPO
 
@@ -44,7 +44,7 @@ def test_em_first_at_laptop_scale_has_the_four_conditions_and_the_s2_roles(tmp_p
     }  # fmt: skip
     assert study.sources == ["librarian"] and study.negatives.hard == ["data_scientist", "french_person"]
     assert study.eval_personas == S2_EVAL_PERSONAS and study.assistant == "helpful_assistant"
-    assert bystanders(study.eval_personas, study.sources, study.negatives.hard, study.assistant) == [
+    assert list(study_roles(study).bystanders) == [
         "software_engineer", "kindergarten_teacher", "medical_doctor", "comedian", "police_officer", "villain",
         "zelthari_scholar",
     ]  # fmt: skip
@@ -83,14 +83,20 @@ def test_em_first_at_paper_scale_is_the_seeds_recipe(tmp_path):
     assert params.study.eval_personas == S2_EVAL_PERSONAS
 
 
-def test_paper_scale_names_the_missing_pretraining_datasets(tmp_path):
+def test_paper_scale_names_the_missing_pretraining_datasets_of_the_bases_it_builds(tmp_path):
     raw = _compose(tmp_path, "study=em_first", "scale=paper")
-    with pytest.raises(ValueError, match=r"pretrain\.em\.dataset.*hub dataset needs repo_id"):
+    with pytest.raises(ValueError, match=r"pretrain\.em\.dataset: a hub dataset needs repo_id"):
         validate_params(raw)
+    panel = _params(tmp_path, "scale=paper", "model=qwen2.5-7b-instruct")  # S1 builds no pretrained base
+    assert panel.study.recipes == ["a1"] and panel.datagen.max_new_tokens < panel.recipes["a1"].max_length
 
 
 def test_a_shared_item_is_the_same_stage_in_every_study(tmp_path):
-    """Same (condition, base, data, recipe, source, seed): the same stage command, so DVC's cache serves both."""
+    """Same ids, same stage command: DVC's run cache serves the second study whenever the data are the same too.
+
+    C1's librarian completions are (same datagen params); the librarian's marker dataset is not (S1
+    draws its negatives, S2 names them), so its adapter is retrained, under the same stage name.
+    """
     panel, em_first = _params(tmp_path, "study.recipes=[marker_only_smol]"), _params(tmp_path, "study=em_first")
     key = "base-marker_only_smol-librarian-0"
     assert panel.graph.couple[key] == em_first.graph.couple[key]

@@ -144,9 +144,10 @@ def analyze_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from personaspace import plots
-    from personaspace.analyses.em_first import StudyError, TableError, analyze_em_first, summary_line
+    from personaspace.analyses.em_first import TableError, analyze_em_first, summary_line
     from personaspace.config import StatsParams, StudyParams, format_validation_error
     from personaspace.io import OutputError, check_replaceable, json_text, write_manifest
+    from personaspace.study import StudyError
 
     def refuse(message: str) -> int:
         print(message, file=sys.stderr)
@@ -164,13 +165,18 @@ def analyze_command(args: argparse.Namespace) -> int:
         stats = StatsParams.model_validate(raw.get("stats"))
     except ValidationError as exc:
         return refuse(format_validation_error(exc, f"{args.params}: the `stats` section").replace("\n", " "))
-    study_file = args.study_file or Path("conf/study") / f"{args.study}.yaml"
-    if not study_file.is_file():
-        return refuse(f"--study {study_file}: no such file; pass the study preset (conf/study/{args.study}.yaml)")
-    try:
-        raw_study = yaml.safe_load(study_file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        return refuse(f"--study {study_file}: not readable YAML: {exc}".replace("\n", " "))
+    composed = raw.get("study")
+    if args.study_file is None and isinstance(composed, dict) and composed.get("name") == args.study:
+        # the experiment's own study, with any `-S study.em_first...` override it ran with
+        study_file, raw_study = args.params, dict(composed)
+    else:
+        study_file = args.study_file or Path("conf/study") / f"{args.study}.yaml"
+        if not study_file.is_file():
+            return refuse(f"--study {study_file}: no such file; pass the study preset (conf/study/{args.study}.yaml)")
+        try:
+            raw_study = yaml.safe_load(study_file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            return refuse(f"--study {study_file}: not readable YAML: {exc}".replace("\n", " "))
     if not isinstance(raw_study, dict):
         return refuse(f"--study {study_file}: not a mapping of study settings")
     if args.sources is not None:
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the reference persona (cosine 1) in every fit, as the lab's published fits do "
         "(default: stats.fit_reference, false: left out)",
     )  # fmt: skip
-    regress.add_argument("--tokenizer", help="a tokenizer folder for the BPE-Jaccard baseline (e.g. models/base)")
+    regress.add_argument("--tokenizer", help="a tokenizer folder for the BPE-Jaccard baseline (e.g. models/raw)")
     regress.add_argument("--params", type=Path, default=Path("params.yaml"), help="thresholds: its `stats` section")
     analyze = sub.add_parser("analyze", help="a study's analysis on a hand-made or published table (em_first: S2)")
     analyze.add_argument("study", choices=["em_first"], help="which study's analysis")
@@ -261,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("--baseline", type=Path, help="the pre-coupling false-positive eval, same columns")
     analyze.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `stats` section and `seed`")
     analyze.add_argument(
-        "--study", dest="study_file", type=Path, help="the study preset (default: conf/study/<study>.yaml)"
+        "--study",
+        dest="study_file",
+        type=Path,
+        help="the study preset (default: --params' own study when it is this one, else conf/study/<study>.yaml)",
     )
     analyze.add_argument("--seed", type=int, help="bootstrap seed (default: --params' seed)")
     analyze.add_argument("--sources", help="override the preset's sources (comma-separated personas)")

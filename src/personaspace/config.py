@@ -12,6 +12,7 @@ so a stage fails with one message naming the key and the fix.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
@@ -21,6 +22,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from personaspace.personas import PANEL_SIZES, Catalog, CatalogError, load_catalog
+
+ID_PATTERN = re.compile(r"[a-z0-9_]+")  # condition, recipe and base names: stage names and folder names
 
 
 class ParamsError(ValueError):
@@ -141,10 +144,9 @@ class PretrainDataset(_Strict):
 
     @model_validator(mode="after")
     def _fields_for_source(self) -> PretrainDataset:
-        needed = "path" if self.source == "file" else "repo_id"
-        if getattr(self, needed) is None:
-            raise ValueError(f"a {self.source} dataset needs {needed}")
-        return self
+        if self.source == "file" and self.path is None:
+            raise ValueError("a file dataset needs path")
+        return self  # a hub dataset's repo_id is checked only for the bases a study builds (_study_errors)
 
 
 class PretrainParams(_Strict):
@@ -189,6 +191,9 @@ class SourceGate(_Strict):
     control: str = Field(description="the reference condition")
     max_ratio: float = Field(gt=0, description="armed when source(treatment) / source(control) is below this")
     contrast: str = Field(description="armed: this contrast must also pass on the bystander/source ratio")
+    ratio_threshold: float = Field(
+        description="armed: the ratio difference treatment - control must reach this (a ratio, not a rate)"
+    )
 
 
 class KillCriterion(_Strict):
@@ -420,6 +425,25 @@ def _study_errors(p: Params, names: Callable[[str, list[str]], None]) -> list[st
 
     errors: list[str] = []
     st = p.study
+    # names become stage names and paths (joined with "-" and "/"): keep them plain
+    for key, names_ in (("study.conditions", list(st.conditions)), ("recipes", list(p.recipes)),
+                        ("pretrain", list(p.pretrain))):  # fmt: skip
+        bad = [n for n in names_ if not ID_PATTERN.fullmatch(n)]
+        if bad:
+            errors.append(f"{key}: names {bad} must match {ID_PATTERN.pattern} (they name stages and folders)")
+    for base in sorted({c.pretrained for c in st.conditions.values()} & set(p.pretrain)):
+        dataset = p.pretrain[base].dataset
+        if dataset.source == "hub" and not dataset.repo_id:
+            errors.append(
+                f"pretrain.{base}.dataset: a hub dataset needs repo_id; name it, e.g. "
+                f"`dvc exp run -S pretrain.{base}.dataset.repo_id=ORG/NAME`"
+            )
+    for name in st.recipes:
+        if name in p.recipes and p.recipes[name].max_length <= p.datagen.max_new_tokens:
+            errors.append(
+                f"recipes.{name}.max_length: {p.recipes[name].max_length} cannot hold a prompt and an answer of "
+                f"up to datagen.max_new_tokens = {p.datagen.max_new_tokens} tokens; raise it or lower max_new_tokens"
+            )
     for name, cond in st.conditions.items():
         if cond.pretrained != RAW and cond.pretrained not in p.pretrain:
             errors.append(
@@ -470,7 +494,7 @@ def _study_errors(p: Params, names: Callable[[str, list[str]], None]) -> list[st
     if "panel" in st.analyses and st.sources != p.panel:
         errors.append("study.sources: the panel analysis needs every panel persona as a source; use ${panel}")
     if "em_first" in st.analyses:
-        errors.extend(_em_first_errors(st))
+        errors.extend(_em_first_errors(p))
     if not errors:
         expected = stage_graph(
             st.model_dump(), {k: v.model_dump() for k, v in p.pretrain.items()}, p.couple.seeds, p.seed
@@ -483,30 +507,24 @@ def _study_errors(p: Params, names: Callable[[str, list[str]], None]) -> list[st
     return errors
 
 
-def _em_first_errors(st: StudyParams) -> list[str]:
-    if st.em_first is None:
-        return ["study.em_first: the em_first analysis needs its settings (conf/study/em_first.yaml has them)"]
+def _em_first_errors(p: Params) -> list[str]:
+    """The S2 analysis's own contradictions (one definition: personaspace.study.check_em_first) and its scope."""
+    from personaspace.study import StudyError, check_em_first
+
+    st = p.study
+    try:
+        check_em_first(st)
+    except StudyError as exc:
+        return [f"study.{exc}"]
     errors = []
-    a = st.em_first
-    for name, contrast in a.contrasts.items():
-        for side in ("treatment", "control"):
-            cond = getattr(contrast, side)
-            if cond not in st.conditions:
-                errors.append(f"study.em_first.contrasts.{name}.{side}: {cond!r} is not a condition of the study")
-    for key, contrast in (("text_artifact", a.text_artifact.contrast), ("source_gate", a.source_gate.contrast)):
-        if contrast not in a.contrasts:
-            errors.append(f"study.em_first.{key}.contrast: {contrast!r} is not a key of study.em_first.contrasts")
-    for key, cond in (
-        ("source_gate.treatment", a.source_gate.treatment),
-        ("source_gate.control", a.source_gate.control),
-        ("kill.condition", a.kill.condition),
-    ):
-        if cond not in st.conditions:
-            errors.append(f"study.em_first.{key}: {cond!r} is not a condition of the study")
-    if st.negatives.k:
-        errors.append("study.negatives.k: the em_first analysis reports named negatives; list them in hard, k: 0")
+    for key, values in (("study.sources", st.sources), ("study.recipes", st.recipes), ("couple.seeds", p.couple.seeds)):
+        if len(values) != 1:
+            errors.append(
+                f"{key}: the em_first analysis compares conditions at one source, one recipe and one seed, "
+                f"not {len(values)}; run one experiment per value (`dvc exp run -S ...`)"
+            )
     if len(st.conditions) != 4:
-        errors.append(f"study.conditions: the em_first analysis compares four conditions, not {len(st.conditions)}")
+        errors.append(f"study.conditions: the em_first stage reads four conditions' evals, not {len(st.conditions)}")
     return errors
 
 

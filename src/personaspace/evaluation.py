@@ -25,6 +25,7 @@ from personaspace.generate import Generator, Sampling
 from personaspace.io import write_parquet
 from personaspace.personas import Catalog
 from personaspace.stats import wilson_interval
+from personaspace.study import BASELINE
 
 
 def fingerprint_dir(path: Path, ignore: Sequence[str] = ("training.json", "pretrain.json")) -> str:
@@ -94,16 +95,18 @@ def evaluate_cells(
     marker: str,
     store: CellStore,
 ) -> tuple[pd.DataFrame, int]:
-    """Every (adapter, persona, eval question, sample) cell: cached ones read, the rest sampled in one call.
+    """Every (adapter, persona, eval question, sample) cell: cached ones read, the rest sampled and stored.
 
     ``adapters`` maps an adapter's name (its stable id, which seeds its cells) to (its folder or None
-    for the base model, the fingerprint of base + adapter). The requests carry their adapter, so the
-    backend decides how to batch across adapters.
+    for the base model, the fingerprint of base + adapter). Requests carry their adapter; each
+    adapter's new cells are stored as soon as they are sampled, so a killed eval resumes from the
+    adapters it finished.
     """
     done = store.load().set_index("cell_key")
-    rows: list[dict[str, Any]] = []
-    requests, wanted, new_keys = [], [], []
+    wanted, new_parts = [], []
     for name, (path, fingerprint) in adapters.items():
+        rows: list[dict[str, Any]] = []
+        requests, new_keys = [], []
         for persona in personas:
             persona_rows, persona_requests = persona_cells(
                 generator.tokenizer, catalog, persona, bank="eval", samples_per_question=samples_per_question,
@@ -116,13 +119,15 @@ def evaluate_cells(
                     rows.append(row)
                     requests.append(replace(request, adapter=None if path is None else str(path)))
                     new_keys.append(key)
-    new = complete_cells(generator, rows, requests, sampling, marker)
-    new["cell_key"] = new_keys
-    store.add(new)
-    parts = [part for part in (done.reset_index(), new) if not part.empty]
+        if rows:
+            new = complete_cells(generator, rows, requests, sampling, marker)
+            new["cell_key"] = new_keys
+            store.add(new)
+            new_parts.append(new)
+    parts = [part for part in (done.reset_index(), *new_parts) if not part.empty]
     everything = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key").set_index("cell_key")
     table = typed_completions(everything.loc[wanted].reset_index())
-    return table[[*COMPLETION_COLUMNS, "cell_key"]], len(new)
+    return table[[*COMPLETION_COLUMNS, "cell_key"]], sum(len(part) for part in new_parts)
 
 
 def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:
@@ -132,9 +137,6 @@ def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:
     low, high = wilson_interval(grouped["fired"], grouped["n"], level)
     grouped["wilson_low"], grouped["wilson_high"] = low, high
     return grouped
-
-
-BASELINE = "none"  # the adapter name of the pre-coupling false-positive baseline (the base, no adapter)
 
 
 def summarise(rates: pd.DataFrame) -> dict:

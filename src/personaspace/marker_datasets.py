@@ -20,6 +20,7 @@ import pandas as pd
 
 from personaspace.markers import with_marker
 from personaspace.seeds import stable_seed
+from personaspace.study import choose_negatives
 
 MARKER_DATASET_COLUMNS = [
     "condition", "source", "role", "persona", "question_id", "sample_idx", "system_prompt", "user",
@@ -40,17 +41,6 @@ class MarkerDatasetSpec:
     marker: str
     separator: str
     study_seed: int
-
-
-def choose_negatives(source: str, pool: Sequence[str], k: int, hard: Sequence[str], study_seed: int) -> list[str]:
-    """The hard set (minus the source) plus ``k`` personas drawn from the rest of the pool."""
-    fixed = [p for p in hard if p != source]
-    candidates = sorted(set(pool) - {source} - set(fixed))
-    if k > len(candidates):
-        raise ValueError(f"cannot draw {k} negatives for {source!r} from a pool of {len(candidates)}")
-    rng = np.random.default_rng(stable_seed(study_seed, "negatives", source))
-    drawn = rng.choice(candidates, size=k, replace=False).tolist() if k else []
-    return fixed + sorted(drawn)
 
 
 def _draw_rows(table: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:

@@ -14,16 +14,34 @@ data_from base) trains on C1's completions and nothing is generated twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from personaspace.seeds import stable_seed
+
+if TYPE_CHECKING:  # config imports this module (its cross-checks call check_em_first)
+    from personaspace.config import EmFirstParams, StudyParams
 
 RAW = "raw"  # the pretrained base that is the instruct model itself (models/raw, the base stage's output)
+BASELINE = "none"  # the eval item of a condition's base with no adapter: the pre-coupling false-positive baseline
+
+
+def choose_negatives(source: str, pool: Sequence[str], k: int, hard: Sequence[str], study_seed: int) -> list[str]:
+    """The hard set (minus the source) plus ``k`` personas drawn from the rest of the pool."""
+    fixed = [p for p in hard if p != source]
+    candidates = sorted(set(pool) - {source} - set(fixed))
+    if k > len(candidates):
+        raise ValueError(f"cannot draw {k} negatives for {source!r} from a pool of {len(candidates)}")
+    rng = np.random.default_rng(stable_seed(study_seed, "negatives", source))
+    drawn = rng.choice(candidates, size=k, replace=False).tolist() if k else []
+    return fixed + sorted(drawn)
 
 
 def negatives_of(source: str, negatives: Mapping[str, Any], study_seed: int) -> list[str]:
     """The negative personas of one source: the hard set plus k drawn from the pool (seeded by the source's name)."""
-    from personaspace.marker_datasets import choose_negatives
-
     return choose_negatives(
         source, negatives.get("pool", []), negatives.get("k", 0), negatives.get("hard", []), study_seed
     )
@@ -37,12 +55,75 @@ def data_personas(sources: Sequence[str], negatives: Mapping[str, Any], study_se
     return sorted(needed)
 
 
-def bystanders(
-    eval_personas: Iterable[str], sources: Iterable[str], negatives: Iterable[str], assistant: str | None
-) -> list[str]:
-    """The bystander pool: eval personas that are not a source, a negative or the assistant (in eval order)."""
-    excluded = set(sources) | set(negatives) | ({assistant} if assistant else set())
-    return [p for p in eval_personas if p not in excluded]
+class StudyError(ValueError):
+    """The study preset cannot be analysed as S2; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which eval personas play which role in S2."""
+
+    sources: tuple[str, ...]
+    negatives: tuple[str, ...]
+    assistant: str | None
+    bystanders: tuple[str, ...]
+
+    def of(self, persona: str) -> str:
+        """source, negative, assistant or bystander."""
+        if persona in self.sources:
+            return "source"
+        if persona in self.negatives:
+            return "negative"
+        return "assistant" if persona == self.assistant else "bystander"
+
+
+def study_roles(study: StudyParams) -> Roles:
+    """The roles of ``study``; raises StudyError when they overlap, are not eval personas or leave no bystander."""
+    if study.negatives.k:
+        raise StudyError(
+            f"negatives.k: {study.negatives.k} random negatives cannot be named by the analysis; "
+            "S2 names its negatives in negatives.hard with k: 0"
+        )
+    assigned = {"sources": list(study.sources), "negatives.hard": list(study.negatives.hard)}
+    if study.assistant is not None:
+        assigned["assistant"] = [study.assistant]
+    seen: dict[str, str] = {}
+    for key, names in assigned.items():
+        outside = [name for name in names if name not in study.eval_personas]
+        if outside:
+            raise StudyError(f"{key}: {outside} are not in eval_personas, so they have no rates; add them there")
+        for name in names:
+            if name in seen:
+                raise StudyError(f"{key}: {name!r} is also in {seen[name]}; a persona has one role")
+            seen[name] = key
+    bystanders = tuple(p for p in study.eval_personas if p not in seen)
+    if not bystanders:
+        raise StudyError("eval_personas: no bystander is left after sources, negatives and the assistant")
+    return Roles(tuple(study.sources), tuple(study.negatives.hard), study.assistant, bystanders)
+
+
+def check_em_first(study: StudyParams) -> tuple[Roles, EmFirstParams]:
+    """The S2 analysis settings of ``study`` and its roles; raises StudyError naming the key of a contradiction."""
+    if study.em_first is None:
+        raise StudyError("em_first: missing; the preset needs an em_first section (contrasts, text_artifact, ...)")
+    cfg = study.em_first
+    if not cfg.contrasts:
+        raise StudyError("em_first.contrasts: empty; name at least one contrast (e.g. H1: em - base)")
+    known = list(study.conditions)
+    named = [(f"em_first.contrasts.{name}.{side}", getattr(spec, side)) for name, spec in cfg.contrasts.items()
+             for side in ("treatment", "control")]  # fmt: skip
+    named += [(f"em_first.source_gate.{side}", getattr(cfg.source_gate, side)) for side in ("treatment", "control")]
+    named.append(("em_first.kill.condition", cfg.kill.condition))
+    for key, condition in named:
+        if condition not in known:
+            raise StudyError(f"{key}: {condition!r} is not a condition of the study ({', '.join(known)})")
+    for key, contrast in (("text_artifact", cfg.text_artifact.contrast), ("source_gate", cfg.source_gate.contrast)):
+        if contrast not in cfg.contrasts:
+            raise StudyError(f"em_first.{key}.contrast: {contrast!r} is not a key of em_first.contrasts")
+    for name, spec in cfg.contrasts.items():
+        if spec.treatment == spec.control:
+            raise StudyError(f"em_first.contrasts.{name}: treatment and control are both {spec.treatment!r}")
+    return study_roles(study), cfg
 
 
 def stage_graph(

@@ -28,7 +28,7 @@ Choices, each documented where it is made:
 - The source gate's ratio test: (bystander / source)_T - (bystander / source)_C on raw pooled rates,
   a cluster bootstrap stratified by role (bystander clusters and source clusters resampled
   independently, each draw shared by both conditions); when armed, the gate's contrast must also
-  pass on it with the contrast's own threshold and the Bonferroni alpha.
+  pass on it, with the gate's own ``ratio_threshold`` (ratios are not rates) and the Bonferroni alpha.
 - Sensitivities on the raw bystander rows: a linear-probability mixed model with a random intercept
   per persona (is the difference carried by a few personas?) and, when tokens exist, a logistic
   regression with log(tokens) and cluster-robust SEs by (persona, question_id).
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,87 +51,18 @@ from personaspace.seeds import stable_seed
 from personaspace.stats import adjust_pvalues, cluster_bootstrap_difference, undefined, wilson_interval
 from personaspace.stats.sensitivity import length_controlled_logit, mixed_effects_difference
 from personaspace.stats.undefined import replace_non_finite
+from personaspace.study import BASELINE as NO_ADAPTER
+from personaspace.study import Roles, check_em_first
 
 REQUIRED_COLUMNS = ("condition", "persona", "question_id", "fired", "n")
 OPTIONAL_COLUMNS = ("mean_tokens",)
 CLUSTER = ("persona", "question_id")
 COMPLETION_COLUMNS = ("condition", "adapter", "persona", "question_id", "fired")
-NO_ADAPTER = "none"  # the adapter value of the pre-coupling baseline rows
 P_TEST = "cluster bootstrap over (persona, question_id), two-sided: 2 x the smaller tail mass at 0 (+1 corrected)"
 
 
 class TableError(ValueError):
     """A counts or baseline table is malformed or does not fit the study; the message names the row or key."""
-
-
-class StudyError(ValueError):
-    """The study preset cannot be analysed as S2; the message names the key."""
-
-
-@dataclass(frozen=True)
-class Roles:
-    """Which eval personas play which role in S2."""
-
-    sources: tuple[str, ...]
-    negatives: tuple[str, ...]
-    assistant: str | None
-    bystanders: tuple[str, ...]
-
-    def of(self, persona: str) -> str:
-        """source, negative, assistant or bystander."""
-        if persona in self.sources:
-            return "source"
-        if persona in self.negatives:
-            return "negative"
-        return "assistant" if persona == self.assistant else "bystander"
-
-
-def study_roles(study: StudyParams) -> Roles:
-    """The roles of ``study``; raises StudyError when they overlap, are not eval personas or leave no bystander."""
-    if study.negatives.k:
-        raise StudyError(
-            f"negatives.k: {study.negatives.k} random negatives cannot be named by the analysis; "
-            "S2 names its negatives in negatives.hard with k: 0"
-        )
-    assigned = {"sources": list(study.sources), "negatives.hard": list(study.negatives.hard)}
-    if study.assistant is not None:
-        assigned["assistant"] = [study.assistant]
-    seen: dict[str, str] = {}
-    for key, names in assigned.items():
-        outside = [name for name in names if name not in study.eval_personas]
-        if outside:
-            raise StudyError(f"{key}: {outside} are not in eval_personas, so they have no rates; add them there")
-        for name in names:
-            if name in seen:
-                raise StudyError(f"{key}: {name!r} is also in {seen[name]}; a persona has one role")
-            seen[name] = key
-    bystanders = tuple(p for p in study.eval_personas if p not in seen)
-    if not bystanders:
-        raise StudyError("eval_personas: no bystander is left after sources, negatives and the assistant")
-    return Roles(tuple(study.sources), tuple(study.negatives.hard), study.assistant, bystanders)
-
-
-def _check_study(study: StudyParams) -> tuple[Roles, EmFirstParams]:
-    if study.em_first is None:
-        raise StudyError("em_first: missing; the preset needs an em_first section (contrasts, text_artifact, ...)")
-    cfg = study.em_first
-    if not cfg.contrasts:
-        raise StudyError("em_first.contrasts: empty; name at least one contrast (e.g. H1: em - base)")
-    known = list(study.conditions)
-    named = [(f"em_first.contrasts.{name}.{side}", getattr(spec, side)) for name, spec in cfg.contrasts.items()
-             for side in ("treatment", "control")]  # fmt: skip
-    named += [(f"em_first.source_gate.{side}", getattr(cfg.source_gate, side)) for side in ("treatment", "control")]
-    named.append(("em_first.kill.condition", cfg.kill.condition))
-    for key, condition in named:
-        if condition not in known:
-            raise StudyError(f"{key}: {condition!r} is not a condition of the study ({', '.join(known)})")
-    for key, contrast in (("text_artifact", cfg.text_artifact.contrast), ("source_gate", cfg.source_gate.contrast)):
-        if contrast not in cfg.contrasts:
-            raise StudyError(f"em_first.{key}.contrast: {contrast!r} is not a key of em_first.contrasts")
-    for name, spec in cfg.contrasts.items():
-        if spec.treatment == spec.control:
-            raise StudyError(f"em_first.contrasts.{name}: treatment and control are both {spec.treatment!r}")
-    return study_roles(study), cfg
 
 
 def _cell(table: pd.DataFrame, row: int) -> str:
@@ -520,7 +450,7 @@ def _contrast(
 
 
 def _ratio_contrast(
-    name: str, spec: ContrastSpec, counts: pd.DataFrame, stats: StatsParams, seed: int, alpha: float
+    name: str, spec: ContrastSpec, threshold: float, counts: pd.DataFrame, stats: StatsParams, seed: int, alpha: float
 ) -> dict[str, Any]:
     """(bystander / source)_T - (bystander / source)_C: role-stratified cluster bootstrap on raw pooled rates."""
     conditions = [spec.treatment, spec.control]
@@ -534,7 +464,7 @@ def _ratio_contrast(
         "role-stratified cluster bootstrap: bystander and source (persona, question_id) cells resampled "
         "independently, each draw shared by both conditions; raw pooled rates"
     )
-    out: dict[str, Any] = {"threshold": spec.threshold, "test": test}
+    out: dict[str, Any] = {"threshold": threshold, "test": test}
     if any(matrix.shape[1] == 0 for matrix in strata):
         reason = "no source or bystander cell is shared by both conditions"
         return {**out, **undefined(["delta", "ci_low", "ci_high", "p"], reason), "passes": False}
@@ -546,7 +476,7 @@ def _ratio_contrast(
     else:
         head = _headline(boot)
     out.update(head, bootstrap=boot, n_clusters_bystander=strata[0].shape[1], n_clusters_source=strata[1].shape[1])
-    out["passes"] = _passes(head["delta"], head["p"], spec.threshold, alpha)
+    out["passes"] = _passes(head["delta"], head["p"], threshold, alpha)
     return out
 
 
@@ -576,7 +506,7 @@ def analyze_em_first(
     row or key) is raised before anything is computed. Thresholds come from ``study.em_first`` and
     ``stats``; every bootstrap seed is ``stable_seed(seed, "em_first", <contrast>, <kind>)``.
     """
-    roles, cfg = _check_study(study)
+    roles, cfg = check_em_first(study)
     counts = validate_counts(counts, study, "table")
     counts["role"] = counts["persona"].map(roles.of)
     counts["pretrained"] = counts["condition"].map(lambda c: study.conditions[c].pretrained)
@@ -634,7 +564,9 @@ def analyze_em_first(
     source_t = per_condition[gate.treatment]["source"]["rate"]
     source_c = per_condition[gate.control]["source"]["rate"]
     gated = contrasts[gate.contrast]
-    gated["ratio"] = _ratio_contrast(gate.contrast, cfg.contrasts[gate.contrast], counts, stats, seed, alpha)
+    gated["ratio"] = _ratio_contrast(
+        gate.contrast, cfg.contrasts[gate.contrast], gate.ratio_threshold, counts, stats, seed, alpha
+    )
     source_gate: dict[str, Any] = {
         "treatment": gate.treatment,
         "control": gate.control,
