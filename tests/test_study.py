@@ -48,11 +48,11 @@ def test_em_first_at_laptop_scale_has_the_four_conditions_and_the_s2_roles(tmp_p
         "software_engineer", "kindergarten_teacher", "medical_doctor", "comedian", "police_officer", "villain",
         "zelthari_scholar",
     ]  # fmt: skip
-    assert study.recipes == ["marker_only_smol"] and params.recipes["marker_only_smol"].loss == "marker_only"
+    assert study.recipes == ["smol"]  # the paper scale's marker-only recipe collapses answers at laptop lr
     # C2' reuses C1's completions: no datagen item of its own, and its adapter trains on base's dataset
     assert {item["condition"] for item in params.graph.datagen.values()} == {"base", "em", "benign"}
-    assert params.graph.couple["em_basedata-marker_only_smol-librarian-0"] == {
-        "condition": "em_basedata", "model": "em", "data": "base", "recipe": "marker_only_smol",
+    assert params.graph.couple["em_basedata-smol-librarian-0"] == {
+        "condition": "em_basedata", "model": "em", "data": "base", "recipe": "smol",
         "source": "librarian", "seed": 0,
     }  # fmt: skip
     assert set(params.graph.pretrain) == {"em", "benign"} and params.graph.em_first
@@ -97,8 +97,8 @@ def test_a_shared_item_is_the_same_stage_in_every_study(tmp_path):
     C1's librarian completions are (same datagen params); the librarian's marker dataset is not (S1
     draws its negatives, S2 names them), so its adapter is retrained, under the same stage name.
     """
-    panel, em_first = _params(tmp_path, "study.recipes=[marker_only_smol]"), _params(tmp_path, "study=em_first")
-    key = "base-marker_only_smol-librarian-0"
+    panel, em_first = _params(tmp_path), _params(tmp_path, "study=em_first")
+    key = "base-smol-librarian-0"
     assert panel.graph.couple[key] == em_first.graph.couple[key]
     assert panel.graph.datagen["base-librarian"] == em_first.graph.datagen["base-librarian"]
 
