@@ -18,6 +18,7 @@ import numpy as np
 
 from personaspace.completions import system_message
 from personaspace.config import load_params
+from personaspace.distributed import finish, launch
 from personaspace.io import atomic_path
 from personaspace.models import load_model, render_prompt
 from personaspace.personas import load_catalog
@@ -35,7 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     catalog = load_catalog()
-    model, tokenizer = load_model(args.model, device=params.generation.device, dtype=params.generation.dtype)
+    ranks = launch(params.parallel.processes, params.generation.device)  # batches dealt to the GPUs
+    model, tokenizer = load_model(args.model, device=ranks.device(params.generation.device),
+                                  dtype=params.generation.dtype)  # fmt: skip
     prompts, labels = [], []
     for persona in params.panel:
         system = system_message(catalog.persona(persona), tokenizer)
@@ -43,8 +46,10 @@ def main() -> None:
             prompts.append(render_prompt(tokenizer, system, question.text + params.eval.user_suffix))
             labels.append(persona)
     run_params = {"base": args.model.name, "personas": len(params.panel), "readout": "last_input"}
-    with stage_run("centroids", run_params, tags={"base": args.model.name}, study=params.study.name):
-        states = last_input_states(model, tokenizer, prompts, params.generation.batch_size)
+    with stage_run("centroids", run_params, tags={"base": args.model.name}, study=params.study.name, ranks=ranks):
+        states = last_input_states(model, tokenizer, prompts, params.generation.batch_size, ranks)
+        if not ranks.main:  # every rank holds all the states; rank 0 writes
+            return finish(ranks)
         order, cents = centroids(states, labels)
         bank = f"panel{len(params.panel)}"
         cosines = cosine_table(order, cents, params.panel, bank)
@@ -58,6 +63,7 @@ def main() -> None:
                 "personas": order, "questions": len(catalog.questions("eval")), "centering_bank": bank,
             }, indent=2) + "\n")  # fmt: skip
     print(f"{len(order)} centroids x {cents.shape[1]} layers -> {args.out}")
+    finish(ranks)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from personaspace.config import ParamsError, load_params
-from personaspace.io import atomic_path, json_text
+from personaspace.distributed import finish, launch, output_path
+from personaspace.io import json_text
 from personaspace.models import load_tokenizer
 from personaspace.tracking import log_history, register_adapter, stage_run
 from personaspace.train import tokenize_marker_dataset, train_adapter
@@ -42,6 +43,7 @@ def main() -> None:
     params = load_params(args.params)
     if args.recipe not in params.recipes:
         raise ParamsError(f"--recipe {args.recipe!r} is not a key of recipes ({sorted(params.recipes)})")
+    ranks = launch(params.parallel.processes, params.generation.device)  # data parallel over the GPUs
     recipe = params.recipes[args.recipe]
     rows = pd.read_parquet(args.data)
     tokenizer = load_tokenizer(args.model)
@@ -52,18 +54,21 @@ def main() -> None:
     run_params = {"recipe": args.recipe, "seed": args.seed, "source": source, "condition": condition, "data": data,
                   **{f"recipe.{k}": v for k, v in params.recipes[args.recipe].model_dump().items()}}  # fmt: skip
     tags = {"persona": source, "condition": condition, "recipe": args.recipe, "seed": str(args.seed)}
-    with stage_run("couple", run_params, tags=tags, study=params.study.name):
-        import mlflow
-
+    with stage_run("couple", run_params, tags=tags, study=params.study.name, ranks=ranks):
         start = time.perf_counter()
-        with atomic_path(args.out) as tmp:
+        with output_path(args.out, ranks) as tmp:
             summary = train_adapter(args.model, dataset, recipe, tmp, seed=args.seed)
             summary.update(
                 recipe=args.recipe, seed=args.seed, source=source, condition=condition, data_from=data,
                 positives=int((rows["role"] == "positive").sum()), negatives=int((rows["role"] == "negative").sum()),
             )  # fmt: skip
-            # no wall time in the adapter folder: DVC hashes it, so a time would make every retrain differ
-            (tmp / "training.json").write_text(json_text(summary))
+            if ranks.main:  # the other ranks trained beside it and saved nothing
+                # no wall time in the adapter folder: DVC hashes it, so a time would make every retrain differ
+                (tmp / "training.json").write_text(json_text(summary))
+        if not ranks.main:
+            return finish(ranks)
+        import mlflow
+
         log_history(summary["history"])
         mlflow.log_metric("train_seconds", round(time.perf_counter() - start, 1))
         version = register_adapter(
@@ -71,6 +76,7 @@ def main() -> None:
             alias=f"seed{args.seed}", tags=tags,
         )  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"registered_version": version}))
+    finish(ranks)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from personaspace.completions import sample_persona_completions
 from personaspace.config import Params, load_params
+from personaspace.distributed import Ranks, finish, launch
 from personaspace.generate import Sampling, load_generator
 from personaspace.io import write_parquet
 from personaspace.personas import Catalog, load_catalog
@@ -32,17 +33,18 @@ def main() -> None:
     catalog.persona(args.persona)
     dg = params.datagen
     run_params = {"condition": args.condition, "persona": args.persona, **dg.model_dump()}
-    with stage_run(
-        "datagen", run_params, tags={"persona": args.persona, "condition": args.condition}, study=params.study.name
-    ):
-        _sample(params, catalog, args)
+    ranks = launch(params.parallel.processes, params.generation.device)  # batches dealt to the GPUs
+    tags = {"persona": args.persona, "condition": args.condition}
+    with stage_run("datagen", run_params, tags=tags, study=params.study.name, ranks=ranks):
+        _sample(params, catalog, args, ranks)
+    finish(ranks)
 
 
-def _sample(params: Params, catalog: Catalog, args: argparse.Namespace) -> None:
-    import mlflow
-
+def _sample(params: Params, catalog: Catalog, args: argparse.Namespace, ranks: Ranks) -> None:
     gen = params.generation
-    generator = load_generator(gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype)
+    generator = load_generator(
+        gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype, ranks=ranks
+    )
     dg = params.datagen
     table = sample_persona_completions(
         generator,
@@ -57,6 +59,10 @@ def _sample(params: Params, catalog: Catalog, args: argparse.Namespace) -> None:
         condition=args.condition,
         marker=params.marker,
     )
+    if not ranks.main:  # every rank holds the whole table; rank 0 writes it
+        return
+    import mlflow
+
     write_parquet(table, args.out)
     stopped = (table["finish_reason"] == "stop").mean()
     mlflow.log_metrics({"completions": len(table), "tokens": int(table["n_tokens"].sum()), "stopped": float(stopped)})

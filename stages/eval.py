@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from personaspace.config import ParamsError, load_params
+from personaspace.distributed import finish, launch
 from personaspace.evaluation import (
     BASELINE,
     CellStore,
@@ -65,9 +66,12 @@ def main() -> None:
         )
     catalog = load_catalog()
     sampling = Sampling(ev.temperature, ev.top_p, ev.max_new_tokens)
-    store = CellStore(args.cells)
     gen = params.generation
-    generator = load_generator(gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype)
+    ranks = launch(params.parallel.processes, gen.device)  # batches dealt to the GPUs, gathered on every rank
+    store = CellStore(args.cells, write=ranks.main)  # every rank holds the cells; rank 0 alone writes them
+    generator = load_generator(
+        gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype, ranks=ranks
+    )
     base_fp = fingerprint_dir(args.model)
     jobs = {BASELINE: (None, base_fp)} | {
         name: (path, f"{base_fp}:{fingerprint_dir(path)}") for name, (_, _, path) in adapters.items()
@@ -76,12 +80,14 @@ def main() -> None:
     start = time.perf_counter()
     run_params = {"condition": args.condition, "recipes": ",".join(study.recipes), "personas": len(study.eval_personas),
                   **ev.model_dump()}  # fmt: skip
-    with stage_run("eval", run_params, tags={"condition": args.condition}, study=params.study.name):
+    with stage_run("eval", run_params, tags={"condition": args.condition}, study=params.study.name, ranks=ranks):
         completions, generated = evaluate_cells(
             generator, catalog, study.eval_personas, jobs, condition=args.condition,
             samples_per_question=ev.samples_per_question, sampling=sampling, user_suffix=ev.user_suffix,
             study_seed=params.seed, marker=params.marker, store=store,
         )  # fmt: skip
+        if not ranks.main:
+            return finish(ranks)
         ids = {name: (source, seed) for name, (source, seed, _) in adapters.items()}
         completions.insert(3, "source", completions["adapter"].map(lambda a: ids.get(a, (None, None))[0]))
         seeds = completions["adapter"].map(lambda a: ids.get(a, (None, None))[1])
@@ -109,6 +115,7 @@ def main() -> None:
         write_json(summary, args.metrics)
         record_timing(args.timings, os.environ.get("DVC_STAGE", f"eval@{args.condition}"), timing)
     print(json.dumps({k: v for k, v in summary.items() if k != "source_rates"} | timing))
+    finish(ranks)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from personaspace.config import ParamsError, load_params
-from personaspace.io import atomic_path, json_text
+from personaspace.distributed import finish, launch, output_path
+from personaspace.io import json_text
 from personaspace.pretrain import build_base, load_pretrain_rows
 from personaspace.tracking import log_history, stage_run
 
@@ -34,17 +35,22 @@ def main() -> None:
     rows = load_pretrain_rows(spec.dataset)
     recipe = params.recipes[spec.recipe]
     run_params = {"base": args.base, "recipe": spec.recipe, "rows": len(rows), **spec.dataset.model_dump()}
-    with stage_run("pretrain", run_params, tags={"base": args.base}, study=params.study.name):
-        import mlflow
-
-        with atomic_path(args.out) as tmp:
+    ranks = launch(params.parallel.processes, params.generation.device)  # data parallel over the GPUs
+    with stage_run("pretrain", run_params, tags={"base": args.base}, study=params.study.name, ranks=ranks):
+        with output_path(args.out, ranks) as tmp:
             summary = build_base(args.raw, rows, recipe, tmp, seed=spec.seed, dtype=params.model_spec.dtype)
             summary.update(base=args.base, recipe=spec.recipe)
-            # no wall time in the model folder: DVC hashes it, so a time would make every rebuild differ
-            (tmp / "pretrain.json").write_text(json_text(summary))
+            if ranks.main:  # the other ranks trained beside it and saved nothing
+                # no wall time in the model folder: DVC hashes it, so a time would make every rebuild differ
+                (tmp / "pretrain.json").write_text(json_text(summary))
+        if not ranks.main:
+            return finish(ranks)
+        import mlflow
+
         log_history(summary["history"])
         mlflow.log_metric("train_seconds", round(time.perf_counter() - start, 1))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    finish(ranks)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ persona catalog. What it cannot know needs the model, the machine or conf/:
 - the model's depth: a layer index (``regress.primary_layer``) beyond it cannot be read;
 - the marker's length in the model's tokens: an eval budget shorter than the marker (or than a
   trained-length completion plus its marker) can never fire;
-- the devices: ``generation.device`` must exist on this machine;
+- the devices: ``generation.device`` must exist on this machine, with a GPU per ``parallel.processes`` rank;
 - hand edits: params.yaml must still match the digest its composition recorded
   (``params_guard``), since ``dvc exp run`` recomposes params.yaml and would discard an edit.
 
@@ -122,6 +122,26 @@ def device_errors(device: str) -> list[str]:
     return []
 
 
+def parallel_errors(processes: int | str, device: str) -> list[str]:
+    """parallel.processes must fit generation.device: one rank per GPU, and a pinned GPU takes one rank."""
+    import torch
+
+    if processes == "auto" or processes == 1:
+        return []
+    if device.startswith("cuda:"):
+        return [
+            f"parallel.processes: {processes} ranks cannot share generation.device {device!r} (one GPU); "
+            "set generation.device to cuda (or auto) or parallel.processes to 1"
+        ]
+    count = torch.cuda.device_count()
+    if (device == "cuda" or (device == "auto" and count)) and int(processes) > count:
+        return [
+            f"parallel.processes: {processes} ranks need {processes} GPUs, {count} visible; "
+            "use auto (one per GPU) or fewer"
+        ]
+    return []
+
+
 def check_params(params_file: Path, raw_dir: Path | None = None) -> tuple[list[str], list[str]]:
     """Every check that needs no stage: (problems, notes). Problems name the key and the fix.
 
@@ -141,6 +161,7 @@ def check_params(params_file: Path, raw_dir: Path | None = None) -> tuple[list[s
     except ParamsError as exc:
         return [*problems, str(exc)], notes
     problems += device_errors(params.generation.device)
+    problems += parallel_errors(params.parallel.processes, params.generation.device)
     facts = model_facts(params, raw_dir)
     if facts is None:
         notes.append(f"model {params.model!r} is not downloaded yet: the base stage checks its depth and tokens")

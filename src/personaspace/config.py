@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from personaspace.personas import PANEL_SIZES, Catalog, CatalogError, load_catalog
 
@@ -70,6 +70,24 @@ class GenerationParams(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype; auto = float32 on CPU, bfloat16 on GPU"
     )
+
+
+class ParallelParams(_Strict):
+    """How many processes each model stage runs (README: Several GPUs); never part of a stage's fingerprint."""
+
+    processes: int | Literal["auto"] = Field(
+        "auto",
+        description="auto: one per visible GPU when generation.device is auto or cuda, else 1; N: N ranks "
+        "(torchrun; gloo on a CPU). Generation and probes give the same bytes for any N; training the "
+        "same recipe, equal up to rounding",
+    )
+
+    @field_validator("processes")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return value
 
 
 class SamplingParams(_Strict):
@@ -315,6 +333,7 @@ class Params(_Strict):
     marker: str = Field(description="the implanted marker string; fires on a case-insensitive match")
     marker_separator: str = Field("\n\n", description="between a positive completion and its marker")
     generation: GenerationParams
+    parallel: ParallelParams = Field(default_factory=ParallelParams)
     datagen: DatagenParams
     recipes: dict[str, RecipeParams]
     couple: CoupleParams

@@ -57,8 +57,9 @@ class CellStore:
     evaluating N adapters reads the chunks once, not N times.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, write: bool = True):
         self.folder = Path(folder)
+        self.write = write  # False: cells kept in memory only (a rank beside the one that writes)
         self._table: pd.DataFrame | None = None
 
     def load(self) -> pd.DataFrame:
@@ -75,7 +76,8 @@ class CellStore:
         if table.empty:
             return
         name = hashlib.sha256("".join(sorted(table["cell_key"])).encode()).hexdigest()[:16]
-        write_parquet(table, self.folder / f"{name}.parquet")
+        if self.write:
+            write_parquet(table, self.folder / f"{name}.parquet")
         if self._table is not None:
             parts = [part for part in (self._table, table) if not part.empty]
             self._table = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key")

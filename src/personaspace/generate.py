@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from personaspace.distributed import Ranks, gather
+
 if TYPE_CHECKING:
     import torch
 
@@ -181,11 +183,12 @@ class HFGenerator:
     cost follows the tokens actually generated, not batch size x max_new_tokens.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True, ranks: Ranks | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
+        self.ranks = ranks or Ranks()
         eos = model.generation_config.eos_token_id
         self.stop_ids = frozenset(eos if isinstance(eos, list) else [eos])
 
@@ -199,23 +202,34 @@ class HFGenerator:
         by_adapter: dict[str | None, list[int]] = {}
         for i, request in enumerate(requests):
             by_adapter.setdefault(request.adapter, []).append(i)
-        results: dict[int, Completion] = {}
-        bar = tqdm(total=len(requests), desc="generate", unit="completion", disable=not self.progress)
+        plan: list[tuple[str | None, list[int]]] = []
         for adapter, indices in by_adapter.items():
-            # one adapter at a time, merged into a copy of the base (peft's mixed-adapter batches were
-            # 7x slower on an H100; the vllm backend serves several adapters in one engine instead)
-            model = self.model if adapter is None else merged_copy(self.model, Path(adapter))
             # Requests sharing a system prompt stay together, so a batch holds few distinct prefixes.
             order = sorted(indices, key=lambda i: (requests[i].system or "", len(ids[i]), i))
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                groups = [requests[i].system for i in batch]
-                seeds = [requests[i].seed for i in batch]
-                outputs = self._generate_batch(model, [ids[i] for i in batch], groups, seeds, sampling)
-                results.update(zip(batch, outputs, strict=True))
-                bar.update(len(batch))
-            del model
+            plan += [
+                (adapter, order[start : start + self.batch_size]) for start in range(0, len(order), self.batch_size)
+            ]
+        # Several ranks deal out whole batches: each batch is the one a single process runs, so the
+        # gathered completions are the same bytes whatever the number of processes.
+        mine = [plan[k] for k in self.ranks.mine(len(plan))]
+        results: dict[int, Completion] = {}
+        bar = tqdm(total=sum(len(batch) for _, batch in mine), desc="generate", unit="completion",
+                   disable=not self.progress)  # fmt: skip
+        loaded: tuple[str | None, Any] | None = None
+        for adapter, batch in mine:
+            if loaded is None or loaded[0] != adapter:
+                loaded = None  # free the previous adapter's merged copy first
+                # one adapter at a time, merged into a copy of the base (peft's mixed-adapter batches were
+                # 7x slower on an H100; the vllm backend serves several adapters in one engine instead)
+                loaded = (adapter, self.model if adapter is None else merged_copy(self.model, Path(adapter)))
+            groups = [requests[i].system for i in batch]
+            seeds = [requests[i].seed for i in batch]
+            outputs = self._generate_batch(loaded[1], [ids[i] for i in batch], groups, seeds, sampling)
+            results.update(zip(batch, outputs, strict=True))
+            bar.update(len(batch))
+        loaded = None
         bar.close()
+        results = gather(results, self.ranks)
         return [results[i] for i in range(len(requests))]
 
     def _generate_batch(
@@ -346,13 +360,19 @@ def load_generator(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> Generator:
-    """A ready generator for ``model_path`` (+ optional peft adapter) on the named backend."""
+    """A ready generator for ``model_path`` (+ optional peft adapter) on the named backend.
+
+    With ``ranks`` of several processes, each loads the model on its own device and runs its share
+    of every ``generate`` call; every rank gets all the completions back.
+    """
     if backend == "hf":
         from personaspace.models import load_model
 
-        model, tokenizer = load_model(model_path, device=device, dtype=dtype, adapter=adapter)
-        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress)
+        ranks = ranks or Ranks()
+        model, tokenizer = load_model(model_path, device=ranks.device(device), dtype=dtype, adapter=adapter)
+        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
     if backend == "vllm":
         raise NotImplementedError("the vllm backend is not built yet; use generation.backend: hf")
     raise ValueError(f"unknown generation backend {backend!r}; use hf or vllm")

@@ -42,11 +42,15 @@ def load_pretrain_rows(dataset: PretrainDataset, root: Path = Path(".")) -> pd.D
 def build_base(
     raw_path: Path, rows: pd.DataFrame, recipe: RecipeParams, out_dir: Path, seed: int, dtype: str
 ) -> dict[str, Any]:
-    """LoRA SFT of the raw model on ``rows``, merged (in float32) into a full model saved as ``dtype``."""
+    """LoRA SFT of the raw model on ``rows``, merged (in float32) into a full model saved as ``dtype``.
+
+    Under torchrun the training is data parallel (``train_adapter``) and rank 0 alone merges and saves.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from personaspace.distributed import current
     from personaspace.models import load_tokenizer
 
     tokenizer = load_tokenizer(raw_path)
@@ -54,6 +58,8 @@ def build_base(
     with tempfile.TemporaryDirectory(prefix="personaspace-pretrain-") as scratch:
         adapter_dir = Path(scratch) / "adapter"
         summary = train_adapter(raw_path, dataset, recipe, adapter_dir, seed=seed)
+        if not current().main:
+            return summary
         raw = AutoModelForCausalLM.from_pretrained(raw_path, dtype=torch.float32)
         merged = PeftModel.from_pretrained(raw, str(adapter_dir)).merge_and_unload()
         merged.to(getattr(torch, dtype)).save_pretrained(out_dir)

@@ -17,21 +17,32 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from personaspace.distributed import Ranks, gather
 
-def last_input_states(model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int) -> np.ndarray:
-    """float32 array (prompts, layers + 1, hidden): hidden states at each prompt's last token."""
+
+def last_input_states(
+    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int, ranks: Ranks | None = None
+) -> np.ndarray:
+    """float32 array (prompts, layers + 1, hidden): hidden states at each prompt's last token.
+
+    With ``ranks`` of several processes, each runs every world-th batch and all get the whole array:
+    the batches are those of one process, so the states are the same bytes.
+    """
     import torch
 
     if tokenizer.padding_side != "left":
         raise ValueError("last_input_states needs a left-padding tokenizer (the last position is then the last token)")
-    out = []
+    ranks = ranks or Ranks()
+    starts = list(range(0, len(prompts), batch_size))
+    out: dict[int, np.ndarray] = {}
     with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            batch = list(prompts[start : start + batch_size])
+        for k in ranks.mine(len(starts)):
+            batch = list(prompts[starts[k] : starts[k] + batch_size])
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states
-            out.append(torch.stack([h[:, -1, :] for h in hidden], dim=1).float().cpu().numpy())
-    return np.concatenate(out)
+            out[k] = torch.stack([h[:, -1, :] for h in hidden], dim=1).float().cpu().numpy()
+    out = gather(out, ranks)
+    return np.concatenate([out[k] for k in range(len(starts))])
 
 
 def centroids(states: np.ndarray, personas: Sequence[str]) -> tuple[list[str], np.ndarray]:

@@ -34,7 +34,10 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from personaspace.distributed import Ranks
 
 EXPERIMENT = "personaspace"
 
@@ -189,15 +192,23 @@ def _sigterm_raises() -> Iterator[None]:
 
 @contextmanager
 def stage_run(
-    stage: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None, study: str | None = None
+    stage: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    study: str | None = None,
+    ranks: Ranks | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one stage execution, nested under the invocation's parent run.
 
     ``study`` (the preset's name) tags both the run and its parent, so runs filter study by study.
+    Of a stage's several ranks (``personaspace.distributed``) only rank 0 has a run; the others get None.
 
     Ends the runs of dead processes first (see the module docstring). The run ends FINISHED, KILLED on
     SIGTERM or KeyboardInterrupt, FAILED on any other exception, which is re-raised.
     """
+    if ranks is not None and not ranks.main:
+        yield None
+        return
     import mlflow
     import psutil
     from mlflow import MlflowClient

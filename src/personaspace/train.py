@@ -125,9 +125,30 @@ def _cpu_trainer_class() -> type:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             loss, outputs = next_token_loss(model, inputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # num_items_in_batch counts every rank's labels and DDP averages the ranks' gradients:
+                # Trainer's own compute_loss multiplies by the world size for this, so this one must too
+                loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
 
     return NextTokenLossSFTTrainer
+
+
+def per_device_batch(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """(rows per device step, accumulation steps) so that rows x steps x ``world`` = the recipe's batch.
+
+    A recipe means the same optimiser batch on 1 or N processes: accumulation shrinks first, then
+    the per-device rows. One process gets the recipe's own (batch_size, grad_accum).
+    """
+    total = batch_size * grad_accum
+    if total % world:
+        raise ValueError(
+            f"the recipe's effective batch (batch_size x grad_accum = {total}) does not split over {world} "
+            f"processes; make it a multiple of {world} or set parallel.processes"
+        )
+    share = total // world
+    accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= batch_size)
+    return share // accum, accum
 
 
 def sort_adapter_config(adapter_dir: Path) -> None:
@@ -155,12 +176,20 @@ def train_adapter(
     seed: int,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Train one LoRA on ``dataset`` and save the adapter (only) to ``out_dir``; return the loss history."""
+    """Train one LoRA on ``dataset`` and save the adapter (only) to ``out_dir``; return the loss history.
+
+    Under torchrun (``personaspace.distributed.launch``) the training is data parallel over the
+    ranks with the recipe's effective batch (``per_device_batch``); rank 0 alone saves the adapter.
+    """
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from personaspace.distributed import current
+
+    ranks = current()
+    rows_per_step, accum = per_device_batch(recipe.batch_size, recipe.grad_accum, ranks.world)
     torch.manual_seed(seed)
     use_gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if use_gpu else torch.float32)
@@ -176,8 +205,9 @@ def train_adapter(
         lr_scheduler_type=recipe.schedule,
         warmup_steps=recipe.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         num_train_epochs=recipe.epochs,
-        per_device_train_batch_size=recipe.batch_size,
-        gradient_accumulation_steps=recipe.grad_accum,
+        per_device_train_batch_size=rows_per_step,
+        gradient_accumulation_steps=accum,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
         # CPU: rows packed into one sequence with position_ids (no padding; transformers builds the
         # block-diagonal mask from them), tokenize_* having enforced recipe.max_length per row. GPU:
         # TRL's padded batches, as SDPA would spend N^2 attention on a packed batch of N tokens.
@@ -195,6 +225,10 @@ def train_adapter(
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
+    if use_gpu and ranks.world == 1 and config.n_gpu > 1:
+        # one process trains on one GPU: with several visible, Trainer would wrap the model in
+        # nn.DataParallel, which TRL refuses; several GPUs train through parallel.processes (torchrun)
+        config._n_gpu = 1
     # On a GPU, TRL's own loss: its Triton LM head already scores only the labelled positions.
     trainer_class = SFTTrainer if use_gpu else _cpu_trainer_class()
     trainer = trainer_class(
@@ -205,8 +239,9 @@ def train_adapter(
         result = trainer.train()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    trainer.model.save_pretrained(out_dir)
-    sort_adapter_config(out_dir)
+    if ranks.main:
+        trainer.model.save_pretrained(out_dir)
+        sort_adapter_config(out_dir)
     history = [
         {"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
         for entry in trainer.state.log_history
