@@ -1,0 +1,116 @@
+"""The ``vllm`` generation backend: one engine per base model, every adapter a LoRA of it.
+
+Not yet behind ``load_generator`` (the GPU issue wires it in with the decode-loop work).
+
+>>> generator = VLLMGenerator("models/raw", max_lora_rank=32)                             # doctest: +SKIP
+>>> generator.generate([ChatRequest("You are a librarian.", "Hi", seed=1, adapter="models/adapters/x")],
+...                    Sampling(temperature=1.0, top_p=0.95, max_new_tokens=64))          # doctest: +SKIP
+
+The same interface and ``Completion`` fields as the ``hf`` backend: prompts are rendered by the
+project's chat rendering and sent as token ids, each request carries its seed (vLLM's per-request
+seeded sampler) and its adapter (a ``LoRARequest``: no merged copy per adapter; rsLoRA's
+alpha/sqrt(r) scaling is read from the adapter's config by vLLM), ``n_tokens`` counts the
+end-of-turn token, and the text is decoded from the ids as the hf backend decodes it. Requests
+sharing a prompt prefix (a persona's system turn, the K samples of one question) share its
+prefill through vLLM's automatic prefix caching.
+
+Sampled tokens differ from the hf backend's (another sampler, other noise); greedy tokens and
+fire rates agree (tests/test_vllm_backend.py, run in the vLLM environment). vLLM cannot host
+forward hooks or return hidden states: steering and probes stay on the hf backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from personaspace.generate import ChatRequest, Completion, Sampling
+
+
+class VLLMGenerator:
+    """vLLM backend (GPU, or vLLM's CPU build in its own environment for tests)."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        dtype: str = "auto",
+        max_lora_rank: int = 64,
+        max_loras: int = 8,
+        max_model_len: int | None = None,
+        progress: bool = True,
+    ):
+        try:
+            from vllm import LLM
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise ImportError(
+                "the vllm backend needs vLLM in this environment (`pip install personaspace[gpu]` on a GPU "
+                "machine; `make vllm-env` builds vLLM's CPU build beside the project for the tests)"
+            ) from exc
+
+        from personaspace.models import load_tokenizer, resolve_dtype
+
+        cpu = current_platform.is_cpu()
+        # vLLM's CPU build sizes its KV cache from this (GiB); its default takes a quarter of the RAM
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        torch_dtype = resolve_dtype(dtype, "cpu" if cpu else "cuda")
+        self.tokenizer = load_tokenizer(model_path)
+        self.progress = progress
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=str(torch_dtype).removeprefix("torch."),
+            enable_lora=True,
+            max_lora_rank=max_lora_rank,
+            max_loras=max_loras,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            enforce_eager=cpu,  # CUDA graphs on a GPU; the CPU build runs eagerly
+            seed=0,  # every request brings its own seed; this only fixes the engine's default
+        )
+        eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
+        generation_eos = self.tokenizer.eos_token_id
+        self.stop_ids = frozenset([*(eos if isinstance(eos, list) else [eos]), generation_eos]) - {None}
+        self._lora_ids: dict[str, int] = {}
+
+    def _lora(self, adapter: str | None) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        if adapter is None:
+            return None
+        lora_id = self._lora_ids.setdefault(adapter, len(self._lora_ids) + 1)  # vLLM's ids start at 1
+        return LoRARequest(lora_name=adapter, lora_int_id=lora_id, lora_path=str(adapter))
+
+    def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from personaspace.models import render_prompt
+
+        prompts = [render_prompt(self.tokenizer, r.system, r.user) for r in requests]
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                seed=r.seed, stop_token_ids=sorted(self.stop_ids), detokenize=False,
+            )
+            for r in requests
+        ]  # fmt: skip
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in ids], params,
+            lora_request=[self._lora(r.adapter) for r in requests], use_tqdm=self.progress,
+        )  # fmt: skip
+        return [self._completion(list(out.outputs[0].token_ids), out.outputs[0].finish_reason) for out in outputs]
+
+    def _completion(self, ids: list[int], reason: str | None) -> Completion:
+        if reason == "stop":
+            # vLLM keeps the end-of-turn token in token_ids (a stop token id too); count it, never decode it
+            if not ids or ids[-1] not in self.stop_ids:
+                raise RuntimeError(f"vLLM stopped without an end-of-turn token: {ids[-3:]}")
+            text_ids = ids[:-1]
+        elif reason == "length":
+            text_ids = ids
+        else:
+            raise RuntimeError(f"vLLM finished a request with {reason!r} (neither stop nor length)")
+        return Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(), len(ids), reason)
