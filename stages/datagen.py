@@ -14,7 +14,7 @@ from pathlib import Path
 from personaspace.completions import sample_persona_completions
 from personaspace.config import Params, load_params
 from personaspace.distributed import Ranks, finish, launch
-from personaspace.generate import Sampling, load_generator
+from personaspace.generate import Sampling, load_generator, stage_processes
 from personaspace.io import write_parquet
 from personaspace.personas import Catalog, load_catalog
 from personaspace.tracking import stage_run
@@ -33,7 +33,8 @@ def main() -> None:
     catalog.persona(args.persona)
     dg = params.datagen
     run_params = {"condition": args.condition, "persona": args.persona, **dg.model_dump()}
-    ranks = launch(params.parallel.processes, params.generation.device)  # batches dealt to the GPUs
+    gen = params.generation  # hf: batches dealt to the GPUs; vllm: one process, vLLM's own workers
+    ranks = launch(stage_processes(gen.backend, params.parallel.processes), gen.device)
     tags = {"persona": args.persona, "condition": args.condition}
     with stage_run("datagen", run_params, tags=tags, study=params.study.name, ranks=ranks):
         _sample(params, catalog, args, ranks)

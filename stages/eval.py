@@ -30,7 +30,7 @@ from personaspace.evaluation import (
     rate_matrix,
     summarise,
 )
-from personaspace.generate import Sampling, load_generator
+from personaspace.generate import Sampling, load_generator, stage_processes
 from personaspace.io import atomic_path, record_timing, write_json
 from personaspace.personas import load_catalog
 from personaspace.tracking import log_to_parent, stage_run
@@ -67,10 +67,17 @@ def main() -> None:
     catalog = load_catalog()
     sampling = Sampling(ev.temperature, ev.top_p, ev.max_new_tokens)
     gen = params.generation
-    ranks = launch(params.parallel.processes, gen.device)  # batches dealt to the GPUs, gathered on every rank
+    # hf: batches dealt to the GPUs, gathered on every rank; vllm: one process, vLLM's own workers
+    ranks = launch(stage_processes(gen.backend, params.parallel.processes), gen.device)
     store = CellStore(args.cells, write=ranks.main)  # every rank holds the cells; rank 0 alone writes them
     generator = load_generator(
-        gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype, ranks=ranks
+        gen.backend,
+        args.model,
+        batch_size=gen.batch_size,
+        device=gen.device,
+        dtype=gen.dtype,
+        ranks=ranks,
+        loras=[path for _, _, path in adapters.values()],
     )
     base_fp = fingerprint_dir(args.model)
     jobs = {BASELINE: (None, base_fp)} | {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from personaspace.checks import ModelFacts, check_params, device_errors, model_errors, model_notes
+from personaspace.checks import ModelFacts, backend_errors, check_params, device_errors, model_errors, model_notes
 from personaspace.cli import compose_params
 from personaspace.config import ParamsError, validate_params
 from personaspace.params_guard import hand_edit_report, params_digest
@@ -135,6 +135,12 @@ def test_a_device_that_does_not_exist_is_refused():
 
     missing = f"cuda:{torch.cuda.device_count()}"
     assert device_errors(missing)[0].startswith(f"generation.device: {missing!r} does not exist on this machine")
+
+
+def test_the_vllm_backend_without_vllm_is_refused_naming_the_extra():
+    assert backend_errors("hf") == []
+    (problem,) = backend_errors("vllm")  # the project's environment has no vLLM (it lives in .venv-vllm)
+    assert problem.startswith("generation.backend: vllm") and "personaspace[gpu]" in problem
 
 
 def test_check_params_reads_the_models_depth_from_a_materialised_folder(tmp_path, tiny_model_dir):

@@ -36,6 +36,25 @@ def test_cells_are_sampled_once_and_growth_samples_only_the_new_ones(tiny, tmp_p
     pd.testing.assert_frame_equal(grown.iloc[:40].reset_index(drop=True), first)
 
 
+def test_cells_of_another_sampler_are_not_reused(tiny, tmp_path):
+    """Switching generation.backend samples anew: the hf backend's cells are not the vllm backend's."""
+    generator, fingerprint = tiny
+
+    class OtherSampler:
+        tokenizer = generator.tokenizer
+        sampler = "vllm"
+
+        def generate(self, requests, sampling):
+            return generator.generate(requests, sampling)
+
+    store = CellStore(tmp_path / "cells")
+    _evaluate(tiny, store, ["librarian"])
+    _, generated = _evaluate((OtherSampler(), fingerprint), store, ["librarian"])
+    assert generated == 20
+    _, generated = _evaluate(tiny, store, ["librarian"])
+    assert generated == 0
+
+
 def test_a_killed_eval_resumes_from_the_finished_chunks(tiny, tmp_path):
     store = CellStore(tmp_path / "cells")
     _evaluate(tiny, store, ["librarian"])  # as if the run died after the first adapter-persona chunk
@@ -72,6 +91,7 @@ def test_each_adapters_cells_are_stored_as_soon_as_it_is_done(tiny, tmp_path):
 
     class DiesOnSecondCall:
         tokenizer = generator.tokenizer
+        sampler = generator.sampler
 
         def __init__(self):
             self.calls = 0

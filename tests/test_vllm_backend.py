@@ -79,7 +79,7 @@ def test_vllm_backend_matches_the_hf_backend(smollm2_dir, tmp_path):
         "adapter_sampled": (SAMPLED, _requests(smollm2_dir, ["librarian", "villain"], 5, adapter)),
     }
     spec = {
-        "model": str(smollm2_dir), "max_lora_rank": 8,
+        "model": str(smollm2_dir),
         "jobs": {name: {"sampling": asdict(s), "requests": [asdict(r) for r in reqs]} for name, (s, reqs) in jobs.items()},
     }  # fmt: skip
     (tmp_path / "jobs.json").write_text(json.dumps(spec))

@@ -2,7 +2,7 @@
 
     .venv-vllm/bin/python tests/vllm_worker.py JOBS.json OUT.json
 
-JOBS: {"model": dir, "max_lora_rank": r, "jobs": {name: {"sampling": {...}, "requests": [{...}]}}}.
+JOBS: {"model": dir, "jobs": {name: {"sampling": {...}, "requests": [{...}]}}}.
 OUT: {name: [{"text", "n_tokens", "finish_reason"}, ...]}. The entry point is guarded: vLLM's
 engine starts worker processes that re-import this file.
 """
@@ -14,13 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-from personaspace.generate import ChatRequest, Sampling
-from personaspace.vllm_backend import VLLMGenerator
+from personaspace.generate import ChatRequest, Sampling, load_generator
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    generator = VLLMGenerator(spec["model"], dtype="float32", max_lora_rank=spec["max_lora_rank"], progress=False)
+    adapters = {r["adapter"] for job in spec["jobs"].values() for r in job["requests"]} - {None}
+    # one engine for every job, sized for all their adapters (as an eval stage passes its condition's)
+    generator = load_generator("vllm", spec["model"], dtype="float32", progress=False, loras=sorted(adapters))
     result = {}
     for name, job in spec["jobs"].items():
         out = generator.generate([ChatRequest(**r) for r in job["requests"]], Sampling(**job["sampling"]))

@@ -10,6 +10,7 @@ persona catalog. What it cannot know needs the model, the machine or conf/:
 - the marker's length in the model's tokens: an eval budget shorter than the marker (or than a
   trained-length completion plus its marker) can never fire;
 - the devices: ``generation.device`` must exist on this machine, with a GPU per ``parallel.processes`` rank;
+- the backend: ``generation.backend: vllm`` needs vLLM installed here;
 - hand edits: params.yaml must still match the digest its composition recorded
   (``params_guard``), since ``dvc exp run`` recomposes params.yaml and would discard an edit.
 
@@ -142,6 +143,18 @@ def parallel_errors(processes: int | str, device: str) -> list[str]:
     return []
 
 
+def backend_errors(backend: str) -> list[str]:
+    """generation.backend must be importable here: vllm is an optional extra."""
+    import importlib.util
+
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        return [
+            "generation.backend: vllm needs vLLM, which is not installed in this environment; "
+            "`pip install personaspace[gpu]` on a GPU machine, or use hf"
+        ]
+    return []
+
+
 def check_params(params_file: Path, raw_dir: Path | None = None) -> tuple[list[str], list[str]]:
     """Every check that needs no stage: (problems, notes). Problems name the key and the fix.
 
@@ -162,6 +175,7 @@ def check_params(params_file: Path, raw_dir: Path | None = None) -> tuple[list[s
         return [*problems, str(exc)], notes
     problems += device_errors(params.generation.device)
     problems += parallel_errors(params.parallel.processes, params.generation.device)
+    problems += backend_errors(params.generation.backend)
     facts = model_facts(params, raw_dir)
     if facts is None:
         notes.append(f"model {params.model!r} is not downloaded yet: the base stage checks its depth and tokens")

@@ -64,7 +64,11 @@ class ModelSpec(_Strict):
 class GenerationParams(_Strict):
     """How completions are sampled (backend and batching; the sampling itself is per stage)."""
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers+peft (CPU/GPU); vllm: GPU")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers+peft (CPU/GPU; steering and probes); vllm: one vLLM engine "
+        "per stage, adapters as LoRAs (GPU; pip install personaspace[gpu])",
+    )
     batch_size: int = Field(64, gt=0, description="prompts per forward batch (hf backend)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

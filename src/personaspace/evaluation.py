@@ -3,10 +3,10 @@
 >>> store = CellStore(Path("data/eval_cells/base"))                               # doctest: +SKIP
 >>> table, generated = evaluate_cells(generator, catalog, personas, {"none": (None, fp)}, store=store, ...)  # doctest: +SKIP
 
-A cell's key hashes everything its completion depends on: the base and adapter fingerprints, the
-system and user messages, the seed and the sampling settings. Finished cells are appended to the
-store in atomic chunks, so a killed eval resumes where it stopped, and growing the panel samples
-only the new cells; cells common to two panels are the same rows.
+A cell's key hashes everything its completion depends on: the generator's sampler, the base and
+adapter fingerprints, the system and user messages, the seed and the sampling settings. Finished
+cells are appended to the store in atomic chunks, so a killed eval resumes where it stopped, and
+growing the panel samples only the new cells; cells common to two panels are the same rows.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def fingerprint_dir(path: Path, ignore: Sequence[str] = ("training.json", "pretr
     return digest.hexdigest()
 
 
-def cell_key(row: dict, sampling: Sampling, fingerprint: str) -> str:
-    """Content key of one eval cell."""
-    parts = [fingerprint, row["adapter"], row["system_prompt"], row["user"], row["seed"], row["sample_idx"],
+def cell_key(row: dict, sampling: Sampling, fingerprint: str, sampler: str) -> str:
+    """Content key of one eval cell (``sampler``: the generator's, since backends draw other tokens)."""
+    parts = [sampler, fingerprint, row["adapter"], row["system_prompt"], row["user"], row["seed"], row["sample_idx"],
              sampling.temperature, sampling.top_p, sampling.max_new_tokens]  # fmt: skip
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
@@ -115,7 +115,7 @@ def evaluate_cells(
                 user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage="eval", adapter=name,
             )  # fmt: skip
             for row, request in zip(persona_rows, persona_requests, strict=True):
-                key = cell_key(row, sampling, fingerprint)
+                key = cell_key(row, sampling, fingerprint, generator.sampler)
                 wanted.append(key)
                 if key not in done.index:
                     rows.append(row)

@@ -14,7 +14,8 @@ on. A batch runs each shared system-prompt prefix once and copies its KV cache t
 ``n_tokens`` counts generated tokens including the end-of-turn token when there is one;
 ``finish_reason`` is ``stop`` (the model ended its turn) or ``length`` (max_new_tokens reached).
 The ``hf`` backend keeps the model at ``generator.model`` so forward hooks (steering) and
-hidden-state capture can attach to it; ``vllm`` is reserved for the GPU backend.
+hidden-state capture can attach to it; ``vllm`` (personaspace.vllm_backend) serves every adapter
+of a call as a LoRA of one engine and runs vLLM's own workers (one process per stage).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Completion:
 
 class Generator(Protocol):
     tokenizer: Any  # the chat tokenizer prompts are rendered with
+    sampler: str  # which sampler draws the tokens: the same (prompt, seed, sampling) gives other text on another
 
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[Completion]: ...
 
@@ -182,6 +184,8 @@ class HFGenerator:
     The decode loop drops rows from the batch (and their KV cache) as soon as they end, so the
     cost follows the tokens actually generated, not batch size x max_new_tokens.
     """
+
+    sampler = "hf"
 
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True, ranks: Ranks | None = None):
         self.model = model
@@ -352,6 +356,11 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def stage_processes(backend: str, processes: int | str) -> int | str:
+    """``parallel.processes`` for a generating stage: the hf backend's ranks, or 1 for vllm (its own workers)."""
+    return processes if backend == "hf" else 1
+
+
 def load_generator(
     backend: str,
     model_path: Path | str,
@@ -361,8 +370,12 @@ def load_generator(
     dtype: str = "auto",
     progress: bool = True,
     ranks: Ranks | None = None,
+    loras: Sequence[Path | str] = (),
 ) -> Generator:
     """A ready generator for ``model_path`` (+ optional peft adapter) on the named backend.
+
+    ``loras``: the adapters requests will name; the vllm backend sizes its one engine for all of
+    them (the hf backend merges each when its batches come).
 
     With ``ranks`` of several processes, each loads the model on its own device and runs its share
     of every ``generate`` call; every rank gets all the completions back.
@@ -374,5 +387,9 @@ def load_generator(
         model, tokenizer = load_model(model_path, device=ranks.device(device), dtype=dtype, adapter=adapter)
         return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
     if backend == "vllm":
-        raise NotImplementedError("the vllm backend is not built yet; use generation.backend: hf")
+        if ranks is not None and ranks.world > 1:
+            raise ValueError("the vllm backend runs in one process (vLLM starts its own workers); see stage_processes")
+        from personaspace.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(model_path, adapter=adapter, loras=loras, dtype=dtype, progress=progress)
     raise ValueError(f"unknown generation backend {backend!r}; use hf or vllm")

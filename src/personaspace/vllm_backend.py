@@ -1,8 +1,9 @@
 """The ``vllm`` generation backend: one engine per base model, every adapter a LoRA of it.
 
-Not yet behind ``load_generator`` (the GPU issue wires it in with the decode-loop work).
+Chosen by ``generation.backend: vllm`` (``load_generator("vllm", ...)``); an eval stage then runs
+one engine for its condition's base with every adapter of the condition served as a LoRA.
 
->>> generator = VLLMGenerator("models/raw", max_lora_rank=32)                             # doctest: +SKIP
+>>> generator = load_generator("vllm", "models/raw")                                      # doctest: +SKIP
 >>> generator.generate([ChatRequest("You are a librarian.", "Hi", seed=1, adapter="models/adapters/x")],
 ...                    Sampling(temperature=1.0, top_p=0.95, max_new_tokens=64))          # doctest: +SKIP
 
@@ -21,6 +22,7 @@ forward hooks or return hidden states: steering and probes stay on the hf backen
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,43 +30,84 @@ from typing import Any
 
 from personaspace.generate import ChatRequest, Completion, Sampling
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_rank(adapter: Path | str) -> int:
+    """The rank ``r`` of a peft LoRA adapter folder, from its adapter_config.json."""
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no peft adapter at {adapter} (no adapter_config.json)")
+    return int(json.loads(config.read_text())["r"])
+
+
+def engine_lora_rank(ranks: Sequence[int]) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds every adapter's rank."""
+    need = max(ranks, default=1)
+    for rank in LORA_RANKS:
+        if rank >= need:
+            return rank
+    raise ValueError(f"a LoRA of rank {need} is above vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
+
 
 class VLLMGenerator:
-    """vLLM backend (GPU, or vLLM's CPU build in its own environment for tests)."""
+    """vLLM backend (GPU, or vLLM's CPU build in its own environment for tests).
+
+    The engine starts at the first ``generate`` call, sized for ``loras`` and the adapters the call
+    brings (the smallest ``max_lora_rank`` that holds them, every one resident at once), so one
+    engine serves all of an eval stage's adapters. ``adapter`` applies to requests that name none.
+    """
+
+    sampler = "vllm"  # part of an eval cell's key: another sampler, other completions
 
     def __init__(
         self,
         model_path: Path | str,
+        adapter: Path | str | None = None,
+        loras: Sequence[Path | str] = (),
         dtype: str = "auto",
-        max_lora_rank: int = 64,
-        max_loras: int = 8,
         max_model_len: int | None = None,
         progress: bool = True,
     ):
         try:
-            from vllm import LLM
-            from vllm.platforms import current_platform
+            import vllm  # noqa: F401
         except ImportError as exc:
             raise ImportError(
                 "the vllm backend needs vLLM in this environment (`pip install personaspace[gpu]` on a GPU "
                 "machine; `make vllm-env` builds vLLM's CPU build beside the project for the tests)"
             ) from exc
+        from personaspace.models import load_tokenizer
 
-        from personaspace.models import load_tokenizer, resolve_dtype
+        self.model_path = Path(model_path)
+        self.adapter = None if adapter is None else str(adapter)
+        self.loras = [str(a) for a in ([] if adapter is None else [adapter])] + [str(a) for a in loras]
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.tokenizer = load_tokenizer(model_path)
+        self.progress = progress
+        self.llm: Any = None
+        self.stop_ids: frozenset[int] = frozenset()
+        self._lora_ids: dict[str, int] = {}
+        self._max_lora_rank = 0
+
+    def _start(self, adapters: list[str]) -> None:
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        from personaspace.models import resolve_dtype
 
         cpu = current_platform.is_cpu()
         # vLLM's CPU build sizes its KV cache from this (GiB); its default takes a quarter of the RAM
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        torch_dtype = resolve_dtype(dtype, "cpu" if cpu else "cuda")
-        self.tokenizer = load_tokenizer(model_path)
-        self.progress = progress
+        torch_dtype = resolve_dtype(self.dtype, "cpu" if cpu else "cuda")
+        self._max_lora_rank = engine_lora_rank([lora_rank(a) for a in adapters])
         self.llm = LLM(
-            model=str(model_path),
+            model=str(self.model_path),
             dtype=str(torch_dtype).removeprefix("torch."),
-            enable_lora=True,
-            max_lora_rank=max_lora_rank,
-            max_loras=max_loras,
-            max_model_len=max_model_len,
+            enable_lora=bool(adapters),
+            max_lora_rank=self._max_lora_rank,
+            max_loras=max(1, len(adapters)),  # every adapter resident: no swapping within a call
+            max_model_len=self.max_model_len,
             enable_prefix_caching=True,
             enforce_eager=cpu,  # CUDA graphs on a GPU; the CPU build runs eagerly
             seed=0,  # every request brings its own seed; this only fixes the engine's default
@@ -72,7 +115,6 @@ class VLLMGenerator:
         eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
         generation_eos = self.tokenizer.eos_token_id
         self.stop_ids = frozenset([*(eos if isinstance(eos, list) else [eos]), generation_eos]) - {None}
-        self._lora_ids: dict[str, int] = {}
 
     def _lora(self, adapter: str | None) -> Any:
         from vllm.lora.request import LoRARequest
@@ -88,6 +130,15 @@ class VLLMGenerator:
 
         from personaspace.models import render_prompt
 
+        adapters = [self.adapter if r.adapter is None else str(r.adapter) for r in requests]
+        named = list(dict.fromkeys(a for a in adapters if a is not None))
+        if self.llm is None:
+            self._start(list(dict.fromkeys([*self.loras, *named])))
+        elif named and (not self._max_lora_rank or max(map(lora_rank, named)) > self._max_lora_rank):
+            raise ValueError(
+                f"this vLLM engine was started for LoRAs up to rank {self._max_lora_rank}; "
+                "pass every adapter in the first generate call, or load a new generator"
+            )
         prompts = [render_prompt(self.tokenizer, r.system, r.user) for r in requests]
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         params = [
@@ -99,7 +150,7 @@ class VLLMGenerator:
         ]  # fmt: skip
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in ids], params,
-            lora_request=[self._lora(r.adapter) for r in requests], use_tqdm=self.progress,
+            lora_request=[self._lora(a) for a in adapters], use_tqdm=self.progress,
         )  # fmt: skip
         return [self._completion(list(out.outputs[0].token_ids), out.outputs[0].finish_reason) for out in outputs]
 
