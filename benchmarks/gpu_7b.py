@@ -1,0 +1,333 @@
+"""The GPU speed benchmark at the Qwen2.5-7B shape: personaspace's paths against the plain libraries'.
+
+    python benchmarks/gpu_7b.py generate --tokenizer .gpu/qwen-tokenizer --out $OUT/gpu_7b.json
+    python benchmarks/gpu_7b.py generate-steered ...   |   probes ...   |   train ...   |   all ...
+
+The model is built in this process (``qwen_shape.build_model``: random-init bf16 weights of
+Qwen2.5-7B-Instruct's shape, lm_head rows of special tokens zeroed so no row ends early, the others
+scaled so a top-p 0.95 nucleus is a few tokens); the tokenizer is the offline Qwen2.5 one
+(``qwen_shape.py --tokenizer-only``). Prompts are the project's: eval questions under panel-12
+personas, rendered by the project's chat rendering. Each subcommand times both paths in one
+process, interleaved (A, B, A, B, ...); the first pass of each path is reported apart from the warm
+ones, and ratios compare warm medians.
+
+- ``generate``: the hf backend (``HFGenerator.generate``) against warm plain ``model.generate`` on the
+  same padded prompts, and against plain ``generate``'s best case (every prompt cut to the shortest
+  prompt's length: no padding, no attention mask to honour). Tokens per second count generated tokens.
+- ``generate-steered``: the same two first paths under ``personaspace.steering.steer`` at a layer.
+- ``probes``: ``probes.last_input_states`` (every layer's last-token state) against a plain forward
+  with ``output_hidden_states=True`` over the same batches.
+- ``train``: ``train.train_adapter`` (TRL + peft, the recipe's settings) on synthetic marker rows of
+  the recipe's shapes, one epoch, against a plain peft loop over the same padded batches; useful
+  (non-padding) tokens per second and MFU = (6N + 4 x layers x seq x hidden) x useful tokens/s
+  over the bf16 peak (``--peak-tflops``, else measured with matmuls; N: the model's parameters;
+  no recompute counted).
+
+Results (device, versions, every pass) are merged into ``--out`` under the subcommand's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from qwen_shape import build_model
+
+from personaspace.completions import system_message
+from personaspace.generate import ChatRequest, HFGenerator, Sampling
+from personaspace.models import load_tokenizer, render_prompt
+from personaspace.personas import load_catalog
+
+
+def synced() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def matmul_peak_tflops(size: int = 8192, repeats: int = 50) -> float:
+    """bf16 TFLOP/s of back-to-back square matmuls: the MFU denominator measured on this GPU."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    start = synced()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (synced() - start) / 1e12
+
+
+def eval_requests(tokenizer: Any, n: int, suffix: str = "") -> list[ChatRequest]:
+    """``n`` requests of the project's eval workload: panel-12 personas x eval questions, seeded by index."""
+    catalog = load_catalog()
+    personas = [catalog.persona(p) for p in catalog.panel(12)]
+    questions = [q.text for q in catalog.questions("eval")]
+    pairs = [(p, q) for p in personas for q in questions]
+    return [
+        ChatRequest(system_message(pairs[i % len(pairs)][0], tokenizer), pairs[i % len(pairs)][1] + suffix, seed=i)
+        for i in range(n)
+    ]
+
+
+def interleave(paths: dict[str, Callable[[], float]], repeats: int, deadline: float) -> dict[str, dict]:
+    """Run each path ``repeats`` times in turn (A, B, A, B); each returns its work units; per path:
+    the first pass apart, the warm passes' rates and their median."""
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for rep in range(repeats):
+        for name, run in paths.items():
+            if rep > 1 and time.monotonic() > deadline:
+                break
+            start = synced()
+            units = run()
+            took = synced() - start
+            rates[name].append(units / took)
+            seconds[name].append(round(took, 2))
+            print(f"  {name} pass {rep}: {units / took:,.1f}/s ({took:.1f} s)", flush=True)
+    return {
+        name: {
+            "first_pass_per_s": round(rates[name][0], 1),
+            "warm_per_s": [round(r, 1) for r in rates[name][1:]],
+            "warm_median_per_s": round(statistics.median(rates[name][1:]), 1) if len(rates[name]) > 1 else None,
+            "seconds": seconds[name],
+        }
+        for name in paths
+    }
+
+
+def plain_generate(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampling, batch: int) -> int:
+    """transformers' ``generate`` over left-padded batches; returns the generated token slots (all rows run on)."""
+    total = 0
+    for start in range(0, len(prompts), batch):
+        rows = prompts[start : start + batch]
+        enc = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
+        with torch.inference_mode():
+            out = model.generate(
+                **enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        total += out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])
+    return total
+
+
+def bench_generate(model: Any, tokenizer: Any, args: argparse.Namespace, steered: bool) -> dict:
+    from personaspace.steering import steer
+
+    generator = HFGenerator(model, tokenizer, batch_size=args.batch_size, progress=False)
+    requests = eval_requests(tokenizer, args.requests)
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens)
+    ids = [
+        tokenizer(render_prompt(tokenizer, r.system, r.user), add_special_tokens=False)["input_ids"] for r in requests
+    ]
+    shortest = min(map(len, ids))
+    equal = [row[:shortest] for row in ids]
+
+    def ours() -> float:
+        return sum(c.n_tokens for c in generator.generate(requests, sampling))
+
+    paths: dict[str, Callable[[], float]] = {
+        "personaspace_hf": ours,
+        "plain_generate": lambda: plain_generate(model, tokenizer, ids, sampling, args.batch_size),
+    }
+    if not steered:
+        paths["plain_generate_equal_length"] = lambda: plain_generate(
+            model, tokenizer, equal, sampling, args.batch_size
+        )
+    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    vector = vector / vector.norm() * 4.0
+    with steer(model, args.layer, vector, 1.0) if steered else _nothing():
+        results = interleave(paths, args.repeats, args.deadline)
+    ours_warm = results["personaspace_hf"]["warm_median_per_s"]
+    ratios = {
+        f"personaspace_hf/{name}": round(ours_warm / r["warm_median_per_s"], 2)
+        for name, r in results.items()
+        if name != "personaspace_hf" and ours_warm and r["warm_median_per_s"]
+    }
+    return {
+        "unit": "generated tokens",
+        "requests": len(requests),
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt_tokens": {"min": shortest, "max": max(map(len, ids)), "mean": round(sum(map(len, ids)) / len(ids), 1)},
+        "steering": {"layer": args.layer, "vector_norm": 4.0} if steered else None,
+        "paths": results,
+        "ratios_warm": ratios,
+    }
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def bench_probes(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
+    from personaspace.probes import last_input_states
+
+    requests = eval_requests(tokenizer, args.probe_prompts)
+    prompts = [render_prompt(tokenizer, r.system, r.user) for r in requests]
+    batch = args.probe_batch
+
+    def ours() -> float:
+        last_input_states(model, tokenizer, prompts, batch)
+        return len(prompts)
+
+    def plain() -> float:
+        for start in range(0, len(prompts), batch):
+            enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = model(**enc.to(model.device), output_hidden_states=True, logits_to_keep=1)
+            torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1).float().cpu()
+        return len(prompts)
+
+    results = interleave({"personaspace_probes": ours, "plain_forward": plain}, args.repeats, args.deadline)
+    a, b = results["personaspace_probes"]["warm_median_per_s"], results["plain_forward"]["warm_median_per_s"]
+    return {"unit": "prompts", "prompts": len(prompts), "batch_size": batch, "paths": results,
+            "ratios_warm": {"personaspace_probes/plain_forward": round(a / b, 2) if a and b else None}}  # fmt: skip
+
+
+def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
+    """train_adapter (the stage's path) against a plain peft loop on the same rows and batches."""
+    from multi_gpu import synthetic_rows
+
+    from personaspace.config import load_params
+    from personaspace.train import tokenize_marker_dataset, train_adapter
+
+    params = load_params(args.params)
+    recipe = params.recipes[args.recipe].model_copy(update={"epochs": 1.0})
+    catalog = load_catalog()
+    rows = synthetic_rows(tokenizer, list(catalog.panel(12)), [q.text for q in catalog.questions("eval")],
+                          args.train_rows, args.train_words, params.marker, params.marker_separator)  # fmt: skip
+    dataset = tokenize_marker_dataset(tokenizer, rows, recipe.loss, params.marker, params.marker_separator,
+                                      recipe.max_length)  # fmt: skip
+    useful = sum(map(len, dataset["input_ids"]))
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    mean_len = useful / len(dataset)
+    flops_per_token = 6 * n_params + 4 * cfg.num_hidden_layers * mean_len * cfg.hidden_size
+    scratch = Path(tempfile.mkdtemp())
+    model_dir = scratch / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    def ours() -> float:
+        torch.cuda.empty_cache()
+        train_adapter(model_dir, dataset, recipe, scratch / "adapter", seed=0)
+        return useful
+
+    def plain() -> float:
+        from peft import LoraConfig, get_peft_model
+
+        torch.cuda.empty_cache()
+        base = type(model).from_pretrained(model_dir, dtype=torch.bfloat16).to(model.device)
+        if recipe.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        peft_model = get_peft_model(base, LoraConfig(r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
+                                                     target_modules=list(recipe.target_modules),
+                                                     use_rslora=recipe.rslora))  # fmt: skip
+        optimiser = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=recipe.learning_rate)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        micro = recipe.batch_size
+        for start in range(0, len(order), micro):
+            batch = [dataset[i] for i in order[start : start + micro]]
+            width = max(len(b["input_ids"]) for b in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            labels = torch.full((len(batch), width), -100)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for k, b in enumerate(batch):
+                n = len(b["input_ids"])
+                ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = peft_model(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
+            (loss / recipe.grad_accum).backward()
+            if (start // micro + 1) % recipe.grad_accum == 0:
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+        del peft_model, base, optimiser
+        return useful
+
+    results = interleave({"personaspace_train_adapter": ours, "plain_peft_loop": plain}, args.repeats, args.deadline)
+    peak = args.peak_tflops * 1e12
+    for r in results.values():
+        if r["warm_median_per_s"]:
+            r["mfu_warm"] = round(r["warm_median_per_s"] * flops_per_token / peak, 3)
+    return {
+        "unit": "useful (non-padding) tokens",
+        "recipe": args.recipe, "rows": len(dataset), "useful_tokens": useful, "mean_length": round(mean_len, 1),
+        "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum, "max_length": recipe.max_length,
+        "gradient_checkpointing": recipe.gradient_checkpointing,
+        "flops_per_useful_token": flops_per_token, "peak_tflops": args.peak_tflops, "paths": results,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["generate", "generate-steered", "probes", "train", "all"])
+    parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/qwen-tokenizer"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--layers", type=int, default=28, help="decoder blocks (28: Qwen2.5-7B; fewer for a smoke test)"
+    )
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--layer", type=int, default=20, help="steering layer")
+    parser.add_argument("--probe-prompts", type=int, default=320)
+    parser.add_argument("--probe-batch", type=int, default=128)
+    parser.add_argument("--recipe", default="a1")
+    parser.add_argument("--train-rows", type=int, default=256)
+    parser.add_argument("--train-words", type=int, default=400)
+    parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here with matmuls)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per path (the first is the warm-up)")
+    parser.add_argument("--deadline", type=float, default=540, help="seconds after which no new pass starts")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.deadline = time.monotonic() + args.deadline
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(args.tokenizer)
+    start = synced()
+    model = build_model(tokenizer, args.layers, device)
+    built = synced() - start
+    if args.peak_tflops is None and device == "cuda":
+        args.peak_tflops = round(matmul_peak_tflops(), 1)
+    todo = ["generate", "generate-steered", "probes", "train"] if args.what == "all" else [args.what]
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    import peft
+    import transformers
+
+    results["setup"] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "model": f"Qwen2.5-7B shape, {args.layers} layers, random bf16, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B",
+        "build_seconds": round(built, 1), "bf16_peak_tflops": args.peak_tflops,
+    }  # fmt: skip
+    for what in todo:
+        print(what, flush=True)
+        if what.startswith("generate"):
+            results[what] = bench_generate(model, tokenizer, args, steered=what == "generate-steered")
+        elif what == "probes":
+            results[what] = bench_probes(model, tokenizer, args)
+        else:
+            results[what] = bench_train(model, tokenizer, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results[what].get("ratios_warm", results[what]["paths"]), indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
