@@ -11,7 +11,8 @@ personas, rendered by the project's chat rendering. Each subcommand times both p
 process, interleaved (A, B, A, B, ...); the first pass of each path is reported apart from the warm
 ones, and ratios compare warm medians.
 
-- ``generate``: the hf backend (``HFGenerator.generate``) against warm plain ``model.generate`` on the
+- ``generate``: the hf backend's static decode loop (``decode.StaticDecodeGenerator``: static KV cache,
+  CUDA graphs, host checks every ``--check-every`` steps) and its current loop (``HFGenerator``) against warm plain ``model.generate`` on the
   same padded prompts, and against plain ``generate``'s best case (every prompt cut to the shortest
   prompt's length: no padding, no attention mask to honour). Tokens per second count generated tokens.
 - ``generate-steered``: the same two first paths under ``personaspace.steering.steer`` at a layer.
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from qwen_shape import build_model
 
 from personaspace.completions import system_message
+from personaspace.decode import StaticDecodeGenerator
 from personaspace.generate import ChatRequest, HFGenerator, Sampling
 from personaspace.models import load_tokenizer, render_prompt
 from personaspace.personas import load_catalog
@@ -126,6 +128,8 @@ def bench_generate(model: Any, tokenizer: Any, args: argparse.Namespace, steered
     from personaspace.steering import steer
 
     generator = HFGenerator(model, tokenizer, batch_size=args.batch_size, progress=False)
+    static = StaticDecodeGenerator(model, tokenizer, batch_size=args.batch_size, progress=False,
+                                   check_every=args.check_every)  # fmt: skip
     requests = eval_requests(tokenizer, args.requests)
     sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens)
     ids = [
@@ -134,27 +138,38 @@ def bench_generate(model: Any, tokenizer: Any, args: argparse.Namespace, steered
     shortest = min(map(len, ids))
     equal = [row[:shortest] for row in ids]
 
-    def ours() -> float:
-        return sum(c.n_tokens for c in generator.generate(requests, sampling))
+    texts: dict[str, list[str]] = {}
+
+    def ours(name: str, gen: HFGenerator) -> Callable[[], float]:
+        def run() -> float:
+            out = gen.generate(requests, sampling)
+            texts[name] = [c.text for c in out]
+            return sum(c.n_tokens for c in out)
+
+        return run
 
     paths: dict[str, Callable[[], float]] = {
-        "personaspace_hf": ours,
+        "personaspace_static": ours("personaspace_static", static),
+        "personaspace_hf": ours("personaspace_hf", generator),
         "plain_generate": lambda: plain_generate(model, tokenizer, ids, sampling, args.batch_size),
     }
     if not steered:
         paths["plain_generate_equal_length"] = lambda: plain_generate(
             model, tokenizer, equal, sampling, args.batch_size
         )
+    if args.profile:
+        return profile_paths(paths, args.repeats)
     vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     vector = vector / vector.norm() * 4.0
     with steer(model, args.layer, vector, 1.0) if steered else _nothing():
         results = interleave(paths, args.repeats, args.deadline)
-    ours_warm = results["personaspace_hf"]["warm_median_per_s"]
     ratios = {
-        f"personaspace_hf/{name}": round(ours_warm / r["warm_median_per_s"], 2)
+        f"{mine}/{name}": round(results[mine]["warm_median_per_s"] / r["warm_median_per_s"], 2)
+        for mine in ("personaspace_static", "personaspace_hf")
         for name, r in results.items()
-        if name != "personaspace_hf" and ours_warm and r["warm_median_per_s"]
+        if name != mine and not name.startswith(mine) and results[mine]["warm_median_per_s"] and r["warm_median_per_s"]
     }
+    same = sum(a == b for a, b in zip(texts["personaspace_static"], texts["personaspace_hf"], strict=True))
     return {
         "unit": "generated tokens",
         "requests": len(requests),
@@ -164,7 +179,29 @@ def bench_generate(model: Any, tokenizer: Any, args: argparse.Namespace, steered
         "steering": {"layer": args.layer, "vector_norm": 4.0} if steered else None,
         "paths": results,
         "ratios_warm": ratios,
+        "static_equals_hf_completions": f"{same}/{len(requests)}",
+        "check_every": args.check_every,
     }
+
+
+def profile_paths(paths: dict[str, Callable[[], float]], repeats: int) -> dict:
+    """Warm each path, then one pass under torch.profiler: GPU busy time against wall time, top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    report = {}
+    for name, run in paths.items():
+        run()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = synced()
+            run()
+            wall = synced() - start
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e6
+        top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+        report[name] = {"wall_s": round(wall, 2), "gpu_busy_s": round(gpu, 2),
+                        "top_gpu_ops": {e.key[:80]: round(e.self_device_time_total / 1e6, 3) for e in top}}  # fmt: skip
+        print(name, json.dumps(report[name], indent=1), flush=True)
+    return {"profile": report}
 
 
 class _nothing:
@@ -286,6 +323,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--check-every", type=int, default=8, help="static decode loop: steps between host checks")
     parser.add_argument("--layer", type=int, default=20, help="steering layer")
     parser.add_argument("--probe-prompts", type=int, default=320)
     parser.add_argument("--probe-batch", type=int, default=128)
@@ -295,6 +333,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here with matmuls)")
     parser.add_argument("--repeats", type=int, default=3, help="passes per path (the first is the warm-up)")
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which no new pass starts")
+    parser.add_argument("--profile", action="store_true", help="generate: one profiled pass per path, top kernels")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.deadline = time.monotonic() + args.deadline
@@ -326,7 +365,7 @@ def main() -> None:
             results[what] = bench_train(model, tokenizer, args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(json.dumps(results[what].get("ratios_warm", results[what]["paths"]), indent=1), flush=True)
+        print(json.dumps(results[what].get("ratios_warm", results[what].get("paths")), indent=1), flush=True)
 
 
 if __name__ == "__main__":
