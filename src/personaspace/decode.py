@@ -63,9 +63,9 @@ def gqa_decode_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
     rows, heads, _, dim = query.shape
-    grouped = query.view(rows, key.shape[1], heads // key.shape[1], dim)
+    grouped = query.reshape(rows, key.shape[1], heads // key.shape[1], dim)
     out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.view(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+    return out.reshape(rows, 1, heads, dim), None  # (rows, query length 1, heads, dim), as SDPA's path returns
 
 
 @contextmanager
