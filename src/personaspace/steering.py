@@ -42,9 +42,14 @@ def steer(model: Any, layer: int, vector: Any, coef: float) -> Iterator[None]:
     if vector.ndim != 1 or vector.shape[0] != model.config.hidden_size:
         raise ValueError(f"steering vector has shape {tuple(vector.shape)}, expected ({model.config.hidden_size},)")
 
+    placed: dict[tuple[Any, Any], Any] = {}  # the vector on each (device, dtype) it meets, copied once
+
     def add(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden + coef * vector.to(hidden.device, hidden.dtype)
+        key = (hidden.device, hidden.dtype)
+        if key not in placed:  # never a host copy per step: a CUDA graph captures the hook with this tensor
+            placed[key] = vector.to(hidden.device, hidden.dtype)
+        hidden = hidden + coef * placed[key]
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handle = layers[layer - 1].register_forward_hook(add)
