@@ -1,13 +1,18 @@
-"""Project a study's paper-scale GPU time from its composed params and measured throughputs.
+"""Project studies' paper-scale GPU time from their composed params and measured throughputs.
 
     python benchmarks/project_paper_cost.py --study em_first --out benchmarks/results/em_first_paper_projection.json
+    python benchmarks/project_paper_cost.py --table --out benchmarks/results/paper_cost_table.json
 
 Counts every completion and training token the stage graph implies (from `personaspace params
-study=<s> scale=paper model=qwen2.5-7b-instruct`) and divides by throughputs measured on one H100
-with a Qwen2.5-7B-shaped model: generation from `benchmarks/results/generation_h100.json` (this
-project's decode loop, batch 256) and LoRA training from DESIGN.md (~6.1k tok/s, r=32, all
-projections, gradient checkpointing). Completion lengths are an assumption (`--completion-tokens`):
-no Qwen answer was sampled here. Start-up, model loads and merges are not counted.
+study=<s> scale=paper model=qwen2.5-7b-instruct`, plus `personas=<N>` for the panel) and divides by
+throughputs measured on one GPU with a Qwen2.5-7B-shaped model: generation from
+`benchmarks/gpu_7b.py`'s results (``--decoder``: ``static`` = the static decode loop, ``hf`` = the
+current hf loop, both batch 256) and LoRA training from DESIGN.md (~6.1k tok/s on an H100, r=32,
+all projections, gradient checkpointing). Completion lengths are an assumption
+(`--completion-tokens`): no Qwen answer was sampled here; the measured decode rate is for full
+batches (every row runs to the limit), so batches that thin out as rows end run slower than this.
+Start-up, model loads and merges are not counted. ``--table`` writes S1 at 12, 24 and 48 personas
+and S2 with both decoders.
 """
 
 from __future__ import annotations
@@ -33,17 +38,41 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=float, default=80.0, help="system + user turn, chat template")
     parser.add_argument("--pretrain-row-tokens", type=float, default=300.0, help="assumed mean pre-training row")
     parser.add_argument("--train-tok-s", type=float, default=6100.0, help="H100 LoRA training (DESIGN.md)")
-    parser.add_argument("--generation", type=Path, default=REPO / "benchmarks/results/generation_h100.json")
+    parser.add_argument("--generation", type=Path, default=REPO / "benchmarks/results/gpu_7b_h200.json")
+    parser.add_argument("--decoder", choices=["static", "hf"], default="static")
+    parser.add_argument("--personas", type=int, help="panel size (default: the study's)")
+    parser.add_argument("--table", action="store_true", help="S1 at N=12/24/48 and S2, both decoders")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    generate = json.loads(args.generation.read_text())["generate"]["paths"]
+    rates = {"static": generate["personaspace_static"]["warm_median_per_s"],
+             "hf": generate["personaspace_hf"]["warm_median_per_s"]}  # fmt: skip
+    if not args.table:
+        result = project(args, args.study, args.personas, rates[args.decoder])
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
+    rows = []
+    for label, study, personas in (("S1, N=12", "panel", 12), ("S1, N=24", "panel", 24), ("S1, N=48", "panel", 48),
+                                   ("S2 (em_first)", "em_first", None)):  # fmt: skip
+        hours = {d: project(args, study, personas, rates[d])["total_hours_one_gpu"] for d in rates}
+        rows.append({"study": label, "hours_static_decode": hours["static"], "hours_hf_loop": hours["hf"]})
+        print(f"| {label} | {hours['static']} | {hours['hf']} |")
+    table = {"generation": str(args.generation.relative_to(REPO)), "generation_tok_s": rates,
+             "training_tok_s": args.train_tok_s, "rows": rows,
+             "not_counted": "S3 and S4 (no presets yet); vLLM (not measurable on the lent GPUs)"}  # fmt: skip
+    args.out.write_text(json.dumps(table, indent=2) + "\n")
+
+
+def project(args: argparse.Namespace, study_name: str, personas: int | None, gen_tok_s: float) -> dict:
+    """GPU-seconds per stage of one study at paper scale, from its stage graph and the throughputs."""
     with tempfile.TemporaryDirectory() as scratch:
         composed = Path(scratch) / "params.yaml"
-        overrides = [f"study={args.study}", "scale=paper", "model=qwen2.5-7b-instruct"]
+        overrides = [f"study={study_name}", "scale=paper", "model=qwen2.5-7b-instruct"]
         overrides += [f"pretrain.{b}.dataset.repo_id=placeholder/{b}" for b in ("em", "benign")]
+        overrides += [] if personas is None else [f"personas={personas}"]
         compose_params(composed, overrides, conf_dir=REPO / "conf")
         params = validate_params(yaml.safe_load(composed.read_text()))
-    runs = json.loads(args.generation.read_text())["results"]
-    gen_tok_s = max(r["personaspace_hf"]["tok_per_s"] for r in runs)
     catalog, graph, study = load_catalog(), params.graph, params.study
     data_questions, eval_questions = len(catalog.questions("data")), len(catalog.questions("eval"))
     row = args.prompt_tokens + args.completion_tokens
@@ -69,15 +98,13 @@ def main() -> None:
         "eval": {"completions": evals, "seconds": evals * args.completion_tokens / gen_tok_s},
     }
     total = sum(s["seconds"] for s in stages.values())
-    result = {
-        "study": args.study, "scale": "paper", "model": params.model,
+    return {
+        "study": study_name, "personas": len(params.panel), "scale": "paper", "model": params.model,
         "assumptions": {k: getattr(args, k) for k in ("completion_tokens", "prompt_tokens", "pretrain_row_tokens")},
         "throughputs": {"generation_tok_s": round(gen_tok_s), "training_tok_s": args.train_tok_s},
         "stages": {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in stages.items()},
-        "total_hours_one_h100": round(total / 3600, 2),
+        "total_hours_one_gpu": round(total / 3600, 2),
     }  # fmt: skip
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
