@@ -1,7 +1,7 @@
 """A decode loop that keeps the host out of the GPU's way: static KV cache, CUDA graphs, checks every k steps.
 
 >>> generator = StaticDecodeGenerator(model, tokenizer, batch_size=256)          # doctest: +SKIP
->>> generator.generate(requests, sampling)      # the same Completions as HFGenerator's (same seeds)
+>>> generator.generate(requests, sampling)  # the same Completions as HFGenerator, same seeds  # doctest: +SKIP
 
 ``HFGenerator``'s loop syncs with the host at every step (the sampled tokens come back as a list,
 finished rows are dropped at once) and its ``DynamicCache`` grows by concatenation, so on a GPU a
