@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ def bench_generate(model: Any, tokenizer: Any, args: argparse.Namespace, steered
         return profile_paths(paths, args.repeats)
     vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     vector = vector / vector.norm() * 4.0
-    with steer(model, args.layer, vector, 1.0) if steered else _nothing():
+    with steer(model, args.layer, vector, 1.0) if steered else nullcontext():
         results = interleave(paths, args.repeats, args.deadline)
     ratios = {
         f"{mine}/{name}": round(results[mine]["warm_median_per_s"] / r["warm_median_per_s"], 2)
@@ -202,14 +203,6 @@ def profile_paths(paths: dict[str, Callable[[], float]], repeats: int) -> dict:
                         "top_gpu_ops": {e.key[:80]: round(e.self_device_time_total / 1e6, 3) for e in top}}  # fmt: skip
         print(name, json.dumps(report[name], indent=1), flush=True)
     return {"profile": report}
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def bench_probes(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:

@@ -29,7 +29,7 @@ the hf backend switches to it on CUDA in the GPU issue's next step (benchmarks/g
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -285,10 +285,3 @@ class StaticDecodeGenerator(HFGenerator):
             self._completion(row[:end] if end else row, "stop" if end else "length")
             for row, end in zip(tokens_host, ends_host, strict=True)
         ]
-
-
-def generate_static(generator: HFGenerator, requests: Sequence[Any], sampling: Sampling, **options: Any) -> list:
-    """``generator``'s completions through the static decode loop (same model, tokenizer and batching)."""
-    static = StaticDecodeGenerator(generator.model, generator.tokenizer, batch_size=generator.batch_size,
-                                   progress=False, ranks=generator.ranks, **options)  # fmt: skip
-    return static.generate(requests, sampling)
