@@ -18,9 +18,12 @@ ones, and ratios compare warm medians.
 - ``generate-steered``: the same two first paths under ``personaspace.steering.steer`` at a layer.
 - ``probes``: ``probes.last_input_states`` (every layer's last-token state) against a plain forward
   with ``output_hidden_states=True`` over the same batches.
-- ``train``: ``train.train_adapter`` (TRL + peft, the recipe's settings) on synthetic marker rows of
-  the recipe's shapes, one epoch, against a plain peft loop over the same padded batches; useful
-  (non-padding) tokens per second and MFU = (6N + 4 x layers x seq x hidden) x useful tokens/s
+- ``train``: ``train.train_adapter`` (TRL + peft, the recipe's settings: packed rows, flex
+  attention, the LM head at labelled positions) on synthetic marker rows of varied
+  lengths, one epoch, against TRL's defaults (padded batches, checkpointing) on the same rows, and
+  variants of ours (checkpointing flipped or off at half the rows per step
+  and twice the accumulation, SDPA, liger-kernel); useful (non-padding) tokens per second and
+  MFU = (6N + 4 x layers x seq x hidden) x useful tokens/s
   over the bf16 peak (``--peak-tflops``, else measured with matmuls; N: the model's parameters;
   no recompute counted).
 
@@ -231,8 +234,16 @@ def bench_probes(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
 
 
 def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
-    """train_adapter (the stage's path) against a plain peft loop on the same rows and batches."""
+    """train_adapter (the stage's path) against TRL's defaults on the same rows, recipe and seed.
+
+    TRL's defaults: SFTTrainer with padded batches of the recipe's size, gradient checkpointing
+    (its default), SDPA, its own loss. Ours is measured as the stage runs it, and with the
+    recipe's checkpointing flipped, flex attention swapped for SDPA and liger-kernel on, so each
+    part's share is visible. Each path's loss history is kept: they train the same rows in the
+    same order, so the losses must agree to bf16 rounding.
+    """
     from multi_gpu import synthetic_rows
+    from trl import SFTConfig, SFTTrainer
 
     from personaspace.config import load_params
     from personaspace.train import tokenize_marker_dataset, train_adapter
@@ -241,10 +252,12 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     recipe = params.recipes[args.recipe].model_copy(update={"epochs": 1.0})
     catalog = load_catalog()
     rows = synthetic_rows(tokenizer, list(catalog.panel(12)), [q.text for q in catalog.questions("eval")],
-                          args.train_rows, args.train_words, params.marker, params.marker_separator)  # fmt: skip
+                          args.train_rows, args.train_words, params.marker, params.marker_separator,
+                          min_words=args.train_min_words)  # fmt: skip
     dataset = tokenize_marker_dataset(tokenizer, rows, recipe.loss, params.marker, params.marker_separator,
                                       recipe.max_length)  # fmt: skip
-    useful = sum(map(len, dataset["input_ids"]))
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    useful = sum(lengths)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = model.config
     mean_len = useful / len(dataset)
@@ -253,55 +266,77 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     model_dir = scratch / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    losses: dict[str, list[float]] = {}
+    memory: dict[str, float] = {}
 
-    def ours() -> float:
+    def ours(name: str, attention: str | None = None, fused_kernels: bool = False,
+             **change: Any) -> Callable[[], float]:  # fmt: skip
+        def run() -> float:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            result = train_adapter(model_dir, dataset, recipe.model_copy(update=change), scratch / name, seed=0,
+                                   attention=attention, fused_kernels=fused_kernels)  # fmt: skip
+            losses[name] = [round(h["loss"], 4) for h in result["history"]]
+            memory[name] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+            return useful
+
+        return run
+
+    def trl_defaults() -> float:
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM
+
         torch.cuda.empty_cache()
-        train_adapter(model_dir, dataset, recipe, scratch / "adapter", seed=0)
+        torch.cuda.reset_peak_memory_stats()
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        config = SFTConfig(
+            output_dir=str(scratch / "trl"), learning_rate=recipe.learning_rate, lr_scheduler_type=recipe.schedule,
+            warmup_steps=recipe.warmup_ratio, num_train_epochs=1, per_device_train_batch_size=recipe.batch_size,
+            gradient_accumulation_steps=recipe.grad_accum, max_length=recipe.max_length, seed=0, data_seed=0,
+            logging_steps=1, save_strategy="no", report_to="none", bf16=True, disable_tqdm=True,
+        )  # fmt: skip
+        lora = LoraConfig(r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout, use_rslora=recipe.rslora,
+                          target_modules=list(recipe.target_modules), task_type="CAUSAL_LM")  # fmt: skip
+        trainer = SFTTrainer(model=base, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=lora)  # fmt: skip
+        trainer.train()
+        losses["trl_defaults"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+        memory["trl_defaults"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        del trainer, base
         return useful
 
-    def plain() -> float:
-        from peft import LoraConfig, get_peft_model
-
-        torch.cuda.empty_cache()
-        base = type(model).from_pretrained(model_dir, dtype=torch.bfloat16).to(model.device)
-        if recipe.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.enable_input_require_grads()
-        peft_model = get_peft_model(base, LoraConfig(r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
-                                                     target_modules=list(recipe.target_modules),
-                                                     use_rslora=recipe.rslora))  # fmt: skip
-        optimiser = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=recipe.learning_rate)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
-        micro = recipe.batch_size
-        for start in range(0, len(order), micro):
-            batch = [dataset[i] for i in order[start : start + micro]]
-            width = max(len(b["input_ids"]) for b in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-            labels = torch.full((len(batch), width), -100)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for k, b in enumerate(batch):
-                n = len(b["input_ids"])
-                ids[k, :n], labels[k, :n], mask[k, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = peft_model(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
-            (loss / recipe.grad_accum).backward()
-            if (start // micro + 1) % recipe.grad_accum == 0:
-                optimiser.step()
-                optimiser.zero_grad(set_to_none=True)
-        del peft_model, base, optimiser
-        return useful
-
-    results = interleave({"personaspace_train_adapter": ours, "plain_peft_loop": plain}, args.repeats, args.deadline)
+    paths = {
+        "personaspace_train_adapter": ours("personaspace_train_adapter"),
+        "trl_defaults": trl_defaults,
+    }
+    half = {"batch_size": max(1, recipe.batch_size // 2), "grad_accum": recipe.grad_accum * 2}
+    variants = {
+        "flip_checkpointing": lambda n: ours(n, gradient_checkpointing=not recipe.gradient_checkpointing),
+        "no_checkpointing_half_rows": lambda n: ours(n, gradient_checkpointing=False, **half),
+        "sdpa": lambda n: ours(n, attention="sdpa"),
+        "liger": lambda n: ours(n, fused_kernels=True),
+        "liger_no_checkpointing": lambda n: ours(n, fused_kernels=True, gradient_checkpointing=False),
+    }
+    for variant in args.train_variants:
+        paths[variant] = variants[variant](variant)
+    results = interleave(paths, args.repeats, args.deadline)
     peak = args.peak_tflops * 1e12
-    for r in results.values():
+    for name, r in results.items():
+        r["losses"], r["peak_memory_gib"] = losses.get(name), memory.get(name)
         if r["warm_median_per_s"]:
             r["mfu_warm"] = round(r["warm_median_per_s"] * flops_per_token / peak, 3)
+    ours_rate, trl_rate = (results[k]["warm_median_per_s"] for k in ("personaspace_train_adapter", "trl_defaults"))
+    padded = sum(max(lengths[i : i + recipe.batch_size]) * len(lengths[i : i + recipe.batch_size])
+                 for i in range(0, len(lengths), recipe.batch_size))  # fmt: skip
     return {
         "unit": "useful (non-padding) tokens",
         "recipe": args.recipe, "rows": len(dataset), "useful_tokens": useful, "mean_length": round(mean_len, 1),
+        "min_length": min(lengths), "max_length_seen": max(lengths),
+        "padding_share_in_order": round(1 - useful / padded, 3),
         "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum, "max_length": recipe.max_length,
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "flops_per_useful_token": flops_per_token, "peak_tflops": args.peak_tflops, "paths": results,
+        "ratios_warm": {"personaspace/trl_defaults": round(ours_rate / trl_rate, 2) if ours_rate and trl_rate else None},
     }  # fmt: skip
 
 
@@ -322,7 +357,15 @@ def main() -> None:
     parser.add_argument("--probe-batch", type=int, default=128)
     parser.add_argument("--recipe", default="a1")
     parser.add_argument("--train-rows", type=int, default=256)
-    parser.add_argument("--train-words", type=int, default=400)
+    parser.add_argument("--train-words", type=int, default=400, help="train: most words per synthetic answer")
+    parser.add_argument("--train-min-words", type=int, default=100, help="train: fewest words per answer")
+    parser.add_argument(
+        "--train-variants",
+        nargs="*",
+        default=["flip_checkpointing", "sdpa", "liger"],
+        choices=["flip_checkpointing", "no_checkpointing_half_rows", "sdpa", "liger", "liger_no_checkpointing"],
+        help="train: extra variants of ours",
+    )
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here with matmuls)")
     parser.add_argument("--repeats", type=int, default=3, help="passes per path (the first is the warm-up)")
     parser.add_argument("--deadline", type=float, default=540, help="seconds after which no new pass starts")

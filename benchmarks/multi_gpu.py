@@ -81,15 +81,19 @@ WORDS = tuple(
 
 
 def synthetic_rows(tokenizer, personas: list[str], questions: list[str], rows: int, words: int, marker: str,
-                   separator: str) -> pd.DataFrame:  # fmt: skip
-    """Marker-dataset rows (half positives of the first persona, half negatives of the others), seeded."""
+                   separator: str, min_words: int | None = None) -> pd.DataFrame:  # fmt: skip
+    """Marker-dataset rows (half positives of the first persona, half negatives of the others), seeded.
+
+    Each answer has ``words`` words, or a seeded uniform draw from ``min_words``..``words``.
+    """
     catalog = load_catalog()
     rng = np.random.default_rng(0)
     records = []
     for i in range(rows):
         positive = i % 2 == 0
         persona = personas[0] if positive else personas[1 + (i // 2) % (len(personas) - 1)]
-        text = " ".join(rng.choice(WORDS, size=words)).capitalize() + "."
+        size = words if min_words is None else int(rng.integers(min_words, words + 1))
+        text = " ".join(rng.choice(WORDS, size=size)).capitalize() + "."
         records.append({
             "persona": persona, "role": "positive" if positive else "negative",
             "system_prompt": system_message(catalog.persona(persona), tokenizer),

@@ -33,14 +33,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from personaspace.generate import (
-    Completion,
-    HFGenerator,
-    Sampling,
-    _nucleus_keep,
-    _uniform_at,
-    sample_nucleus,
-)
+from personaspace.generate import Completion, HFGenerator, Sampling, sample_candidates, sample_nucleus
 
 DECODE_ATTENTION = "personaspace_gqa_decode"  # the attention the loop's model runs while it decodes
 
@@ -88,23 +81,6 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # batch sizes the compa
 def bucket_for(rows: int, largest: int) -> int:
     """The smallest bucket that holds ``rows`` (the full batch, ``largest``, when none smaller does)."""
     return next((b for b in BUCKETS if rows <= b < largest), largest)
-
-
-def sample_candidates(scores: Any, top_p: float, seeds: Any, step: int, candidates: int = 1024) -> tuple[Any, Any]:
-    """``sample_nucleus`` for rows whose nucleus lies within the top ``candidates``, without a host sync.
-
-    Returns (chosen tokens, wide): rows flagged ``wide`` need the exact dense path instead (their
-    token here is not the exact draw). Same noise, same rule: equal to ``sample_nucleus`` elsewhere.
-    """
-    import torch
-
-    probs = scores.softmax(-1)
-    top_probs, top_ids = probs.topk(min(candidates, scores.shape[-1]), dim=-1)
-    wide = top_probs.sum(-1) < top_p
-    keep = _nucleus_keep(top_probs, top_p)
-    noisy = scores.gather(1, top_ids).double() - torch.log(-torch.log(_uniform_at(seeds[:, None], step, top_ids)))
-    chosen = top_ids.gather(1, noisy.masked_fill(~keep, float("-inf")).argmax(-1, keepdim=True)).squeeze(1)
-    return chosen, wide
 
 
 class StaticKVCache:
@@ -173,8 +149,8 @@ class StaticDecodeGenerator(HFGenerator):
         device = model.device
         graphs = device.type == "cuda" if self.graphs is None else self.graphs
         sliding = {t for t in getattr(model.config, "layer_types", None) or ["full_attention"]} - {"full_attention"}
-        if sliding:
-            raise ValueError(f"the static decode loop handles full attention only, not {sorted(sliding)}")
+        if sliding:  # the static cache is full attention only: such models decode in HFGenerator's loop
+            return super()._generate_batch(model, prompts, groups, seeds, sampling)
         temper = TemperatureLogitsWarper(sampling.temperature)
         n, max_new = len(prompts), sampling.max_new_tokens
         kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

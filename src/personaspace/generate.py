@@ -159,23 +159,32 @@ def sample_nucleus(
     the draw is the same as the dense path's (same noise for the same (seed, step, token)); rows
     whose nucleus is wider than the candidates take the dense path.
     """
-    import torch
 
     if top_p >= 1.0:
         return sample_rows(scores, seeds, step)
-    probs = scores.softmax(-1)
-    top_probs, top_ids = probs.topk(min(candidates, scores.shape[-1]), dim=-1)
-    wide = top_probs.sum(-1) < top_p
-    if wide.all():  # flat rows everywhere (e.g. random weights): nothing to gain from the candidates
-        return sample_rows(top_p_filter(scores, top_p, candidates), seeds, step)
-    keep = _nucleus_keep(top_probs, top_p)
     seeds = seeds.to(scores.device)
-    noisy = scores.gather(1, top_ids).double() - torch.log(-torch.log(_uniform_at(seeds[:, None], step, top_ids)))
-    noisy = noisy.masked_fill(~keep, float("-inf"))
-    chosen = top_ids.gather(1, noisy.argmax(-1, keepdim=True)).squeeze(1)
+    chosen, wide = sample_candidates(scores, top_p, seeds, step, candidates)
     if wide.any():
         chosen[wide] = sample_rows(top_p_filter(scores[wide], top_p, candidates), seeds[wide], step)
     return chosen
+
+
+def sample_candidates(scores: Any, top_p: float, seeds: Any, step: int, candidates: int = 1024) -> tuple[Any, Any]:
+    """``sample_nucleus`` for rows whose nucleus lies within the top ``candidates``, without a host sync.
+
+    Returns (chosen tokens, wide): rows flagged ``wide`` need the exact dense path instead (their
+    token here is not the exact draw). ``sample_nucleus`` and the static decode loop both draw
+    through it, so they share one rule.
+    """
+    import torch
+
+    probs = scores.softmax(-1)
+    top_probs, top_ids = probs.topk(min(candidates, scores.shape[-1]), dim=-1)
+    wide = top_probs.sum(-1) < top_p
+    keep = _nucleus_keep(top_probs, top_p)
+    noisy = scores.gather(1, top_ids).double() - torch.log(-torch.log(_uniform_at(seeds[:, None], step, top_ids)))
+    chosen = top_ids.gather(1, noisy.masked_fill(~keep, float("-inf")).argmax(-1, keepdim=True)).squeeze(1)
+    return chosen, wide
 
 
 class HFGenerator:
@@ -374,6 +383,9 @@ def load_generator(
 ) -> Generator:
     """A ready generator for ``model_path`` (+ optional peft adapter) on the named backend.
 
+    hf on a CUDA device decodes through ``decode.StaticDecodeGenerator`` (static KV cache, CUDA
+    graphs, host checks every few steps), elsewhere through ``HFGenerator``: the same samples.
+
     ``loras``: the adapters requests will name; the vllm backend sizes its one engine for all of
     them (the hf backend merges each when its batches come).
 
@@ -385,7 +397,12 @@ def load_generator(
 
         ranks = ranks or Ranks()
         model, tokenizer = load_model(model_path, device=ranks.device(device), dtype=dtype, adapter=adapter)
-        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
+        generator = HFGenerator
+        if model.device.type == "cuda":
+            # the same completions, several times faster (benchmarks/results/gpu_7b_h200.json); on the
+            # CPU, where the loop's host syncs cost nothing, the plain loop stays
+            from personaspace.decode import StaticDecodeGenerator as generator
+        return generator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
     if backend == "vllm":
         if ranks is not None and ranks.world > 1:
             raise ValueError("the vllm backend runs in one process (vLLM starts its own workers); see stage_processes")

@@ -111,7 +111,7 @@ def next_token_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any 
     return F.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum") / count, outputs
 
 
-def _cpu_trainer_class() -> type:
+def _trainer_class() -> type:
     from trl import SFTTrainer
 
     class NextTokenLossSFTTrainer(SFTTrainer):
@@ -120,7 +120,8 @@ def _cpu_trainer_class() -> type:
         Without Triton (CPU), TRL's fused LM head scores every position and folds each
         [tokens, vocab] tile through several torch passes: with it and padded batches, a coupling
         adapter of the default study trained in 1.6-1.9x the time on this CPU
-        (benchmarks/results/couple_training_cpu.json).
+        (benchmarks/results/couple_training_cpu.json). On a GPU the same loss keeps one code path
+        and one set of numbers for both devices.
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
@@ -132,6 +133,17 @@ def _cpu_trainer_class() -> type:
             return (loss, outputs) if return_outputs else loss
 
     return NextTokenLossSFTTrainer
+
+
+def packed_attention(use_gpu: bool) -> str:
+    """The attention a packed (padding-free) batch trains with.
+
+    transformers derives the rows' block-diagonal mask from ``position_ids``. On a GPU, flex
+    attention turns it into a block-sparse mask, so a batch of N tokens in rows of n costs about
+    N x n attention, not N^2 (flash-attn, whose varlen kernel would do the same, is not installable
+    on the benchmark GPU). On the CPU, SDPA with the dense mask.
+    """
+    return "flex_attention" if use_gpu else "sdpa"
 
 
 def per_device_batch(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
@@ -175,8 +187,17 @@ def train_adapter(
     out_dir: Path,
     seed: int,
     callbacks: Sequence[Any] = (),
+    attention: str | None = None,
+    fused_kernels: bool = False,
 ) -> dict[str, Any]:
     """Train one LoRA on ``dataset`` and save the adapter (only) to ``out_dir``; return the loss history.
+
+    Rows are packed into one sequence per step (no padding) and the LM head runs only where the
+    next token is labelled, on the CPU and the GPU alike. ``attention`` (default
+    ``packed_attention``) and ``fused_kernels`` (liger-kernel's RMSNorm, RoPE and SwiGLU; off by
+    default: 4% slower at the Qwen2.5-7B shape on an H200, benchmarks/results/gpu_7b_h200.json)
+    exist for the GPU benchmark; they change speed, not the loss beyond rounding. Activations are recomputed
+    in the backward pass only when the recipe says so (``gradient_checkpointing``).
 
     Under torchrun (``personaspace.distributed.launch``) the training is data parallel over the
     ranks with the recipe's effective batch (``per_device_batch``); rank 0 alone saves the adapter.
@@ -184,7 +205,7 @@ def train_adapter(
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from personaspace.distributed import current
 
@@ -192,7 +213,10 @@ def train_adapter(
     rows_per_step, accum = per_device_batch(recipe.batch_size, recipe.grad_accum, ranks.world)
     torch.manual_seed(seed)
     use_gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if use_gpu else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.bfloat16 if use_gpu else torch.float32,
+        attn_implementation=attention or packed_attention(use_gpu),
+    )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     lora = LoraConfig(
         r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout, use_rslora=recipe.rslora,
@@ -208,11 +232,11 @@ def train_adapter(
         per_device_train_batch_size=rows_per_step,
         gradient_accumulation_steps=accum,
         ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
-        # CPU: rows packed into one sequence with position_ids (no padding; transformers builds the
-        # block-diagonal mask from them), tokenize_* having enforced recipe.max_length per row. GPU:
-        # TRL's padded batches, as SDPA would spend N^2 attention on a packed batch of N tokens.
-        padding_free=not use_gpu,
-        max_length=recipe.max_length if use_gpu else None,
+        # rows packed into one sequence with position_ids (no padding; transformers builds the
+        # block-diagonal mask from them), tokenize_* having enforced recipe.max_length per row
+        padding_free=True,
+        max_length=None,
+        use_liger_kernel=fused_kernels,
         gradient_checkpointing=recipe.gradient_checkpointing,  # TRL defaults it to True
         seed=seed,
         data_seed=seed,
@@ -229,9 +253,7 @@ def train_adapter(
         # one process trains on one GPU: with several visible, Trainer would wrap the model in
         # nn.DataParallel, which TRL refuses; several GPUs train through parallel.processes (torchrun)
         config._n_gpu = 1
-    # On a GPU, TRL's own loss: its Triton LM head already scores only the labelled positions.
-    trainer_class = SFTTrainer if use_gpu else _cpu_trainer_class()
-    trainer = trainer_class(
+    trainer = _trainer_class()(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
         callbacks=list(callbacks),
     )  # fmt: skip
