@@ -11,9 +11,10 @@ personas, rendered by the project's chat rendering. Each subcommand times both p
 process, interleaved (A, B, A, B, ...); the first pass of each path is reported apart from the warm
 ones, and ratios compare warm medians.
 
-- ``generate``: the hf backend's static decode loop (``decode.StaticDecodeGenerator``: static KV cache,
-  CUDA graphs, host checks every ``--check-every`` steps) and its current loop (``HFGenerator``) against warm plain ``model.generate`` on the
-  same padded prompts, and against plain ``generate``'s best case (every prompt cut to the shortest
+- ``generate``: the hf backend's generator on a GPU (``generate.hf_generator``: the static decode loop,
+  ``decode.StaticDecodeGenerator``, with a static KV cache, CUDA graphs and host checks every
+  ``--check-every`` steps) and the plain loop (``HFGenerator``, the CPU's) against warm plain
+  ``model.generate`` on the same padded prompts, and against plain ``generate``'s best case (every prompt cut to the shortest
   prompt's length: no padding, no attention mask to honour). Tokens per second count generated tokens.
 - ``generate-steered``: the same two first paths under ``personaspace.steering.steer`` at a layer.
 - ``probes``: ``probes.last_input_states`` (every layer's last-token state) against a plain forward
@@ -51,7 +52,7 @@ from qwen_shape import build_model
 
 from personaspace.completions import system_message
 from personaspace.decode import StaticDecodeGenerator
-from personaspace.generate import ChatRequest, HFGenerator, Sampling
+from personaspace.generate import ChatRequest, HFGenerator, Sampling, hf_generator
 from personaspace.models import load_tokenizer, render_prompt
 from personaspace.personas import load_catalog
 
@@ -132,8 +133,10 @@ def bench_generate(model: Any, tokenizer: Any, args: argparse.Namespace, steered
     from personaspace.steering import steer
 
     generator = HFGenerator(model, tokenizer, batch_size=args.batch_size, progress=False)
-    static = StaticDecodeGenerator(model, tokenizer, batch_size=args.batch_size, progress=False,
-                                   check_every=args.check_every)  # fmt: skip
+    static = hf_generator(model, tokenizer, batch_size=args.batch_size, progress=False)  # what the stages get
+    if not isinstance(static, StaticDecodeGenerator):
+        raise SystemExit("hf_generator did not pick the static decode loop: generate needs a CUDA device")
+    static.check_every = args.check_every
     requests = eval_requests(tokenizer, args.requests)
     sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens)
     ids = [

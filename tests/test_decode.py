@@ -12,7 +12,7 @@ import torch
 
 from personaspace.completions import system_message
 from personaspace.decode import StaticDecodeGenerator, bucket_for, sample_candidates
-from personaspace.generate import ChatRequest, Sampling, load_generator, sample_nucleus
+from personaspace.generate import ChatRequest, HFGenerator, Sampling, load_generator, sample_nucleus
 from personaspace.personas import load_catalog
 from personaspace.steering import steer
 
@@ -70,6 +70,22 @@ def test_candidate_sampler_is_the_nucleus_sampler_where_it_is_not_wide():
     exact = sample_nucleus(scores, 0.9, seeds, step=3, candidates=256)
     assert wide.any() and not wide.all()  # both kinds of rows present
     assert torch.equal(chosen[~wide], exact[~wide])
+
+
+def test_the_hf_backend_keeps_the_plain_loop_on_the_cpu(tiny_model_dir):
+    """Stages get the static loop only on a CUDA device (generate.hf_generator); the CPU's loop is unchanged."""
+    assert type(load_generator("hf", tiny_model_dir, device="cpu", progress=False)) is HFGenerator
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_7b.py checks it there)")
+def test_the_hf_backend_decodes_through_the_static_loop_on_cuda(tiny_model_dir):
+    gen = load_generator("hf", tiny_model_dir, device="cuda", progress=False)
+    assert isinstance(gen, StaticDecodeGenerator)
+    requests = _requests(gen.tokenizer, 8)
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=10)
+    assert gen.generate(requests, sampling) == HFGenerator(gen.model, gen.tokenizer, progress=False).generate(
+        requests, sampling
+    )
 
 
 def test_buckets():

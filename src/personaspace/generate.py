@@ -370,6 +370,22 @@ def stage_processes(backend: str, processes: int | str) -> int | str:
     return processes if backend == "hf" else 1
 
 
+def hf_generator(
+    model: Any, tokenizer: Any, batch_size: int = 64, progress: bool = True, ranks: Ranks | None = None
+) -> HFGenerator:
+    """The hf backend's generator for a loaded model: the static decode loop on a CUDA device.
+
+    ``decode.StaticDecodeGenerator`` gives the same completions several times faster on a GPU
+    (benchmarks/results/gpu_7b_h200.json); on the CPU, where the plain loop's host syncs cost
+    nothing, ``HFGenerator``.
+    """
+    if model.device.type == "cuda":
+        from personaspace.decode import StaticDecodeGenerator
+
+        return StaticDecodeGenerator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
+    return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
+
+
 def load_generator(
     backend: str,
     model_path: Path | str,
@@ -383,8 +399,7 @@ def load_generator(
 ) -> Generator:
     """A ready generator for ``model_path`` (+ optional peft adapter) on the named backend.
 
-    hf on a CUDA device decodes through ``decode.StaticDecodeGenerator`` (static KV cache, CUDA
-    graphs, host checks every few steps), elsewhere through ``HFGenerator``: the same samples.
+    hf: ``hf_generator`` (the static decode loop on a CUDA device, ``HFGenerator`` elsewhere).
 
     ``loras``: the adapters requests will name; the vllm backend sizes its one engine for all of
     them (the hf backend merges each when its batches come).
@@ -397,12 +412,7 @@ def load_generator(
 
         ranks = ranks or Ranks()
         model, tokenizer = load_model(model_path, device=ranks.device(device), dtype=dtype, adapter=adapter)
-        generator = HFGenerator
-        if model.device.type == "cuda":
-            # the same completions, several times faster (benchmarks/results/gpu_7b_h200.json); on the
-            # CPU, where the loop's host syncs cost nothing, the plain loop stays
-            from personaspace.decode import StaticDecodeGenerator as generator
-        return generator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
+        return hf_generator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
     if backend == "vllm":
         if ranks is not None and ranks.world > 1:
             raise ValueError("the vllm backend runs in one process (vLLM starts its own workers); see stage_processes")
