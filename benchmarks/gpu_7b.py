@@ -243,9 +243,11 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     (its default), SDPA, its own loss. Ours is measured as the stage runs it, and with the
     recipe's checkpointing flipped, flex attention swapped for SDPA and liger-kernel on, so each
     part's share is visible. Each path's loss history is kept: they train the same rows in the
-    same order, so the losses must agree to bf16 rounding.
+    same order, so the losses must agree to bf16 rounding. Rates are given for the whole pass (model
+    load and trainer setup included, as a stage pays them) and for the training phase alone.
     """
     from multi_gpu import synthetic_rows
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from personaspace.config import load_params
@@ -271,6 +273,18 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     tokenizer.save_pretrained(model_dir)
     losses: dict[str, list[float]] = {}
     memory: dict[str, float] = {}
+    checkpointed: dict[str, bool] = {"trl_defaults": True}
+    phase: dict[str, list[float]] = {}  # seconds of each pass spent in Trainer.train (no load, no setup)
+
+    class Clock(TrainerCallback):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.start = synced()
+
+        def on_train_end(self, *args: Any, **kwargs: Any) -> None:
+            phase.setdefault(self.name, []).append(round(synced() - self.start, 2))
 
     def ours(name: str, attention: str | None = None, fused_kernels: bool = False,
              **change: Any) -> Callable[[], float]:  # fmt: skip
@@ -278,8 +292,9 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             result = train_adapter(model_dir, dataset, recipe.model_copy(update=change), scratch / name, seed=0,
-                                   attention=attention, fused_kernels=fused_kernels)  # fmt: skip
+                                   callbacks=[Clock(name)], attention=attention, fused_kernels=fused_kernels)  # fmt: skip
             losses[name] = [round(h["loss"], 4) for h in result["history"]]
+            checkpointed[name] = result["gradient_checkpointing"]
             memory[name] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             return useful
 
@@ -301,7 +316,7 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
         lora = LoraConfig(r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout, use_rslora=recipe.rslora,
                           target_modules=list(recipe.target_modules), task_type="CAUSAL_LM")  # fmt: skip
         trainer = SFTTrainer(model=base, args=config, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora)  # fmt: skip
+                             peft_config=lora, callbacks=[Clock("trl_defaults")])  # fmt: skip
         trainer.train()
         losses["trl_defaults"] = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
         memory["trl_defaults"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
@@ -315,6 +330,14 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     half = {"batch_size": max(1, recipe.batch_size // 2), "grad_accum": recipe.grad_accum * 2}
     variants = {
         "flip_checkpointing": lambda n: ours(n, gradient_checkpointing=not recipe.gradient_checkpointing),
+        "auto_checkpointing": lambda n: ours(n, gradient_checkpointing="auto"),
+        # four times the rows per step: the largest step overflows the GPU without checkpointing
+        "auto_checkpointing_4x_rows": lambda n: ours(
+            n,
+            gradient_checkpointing="auto",
+            batch_size=recipe.batch_size * 4,
+            grad_accum=max(1, recipe.grad_accum // 4),
+        ),
         "no_checkpointing_half_rows": lambda n: ours(n, gradient_checkpointing=False, **half),
         "sdpa": lambda n: ours(n, attention="sdpa"),
         "liger": lambda n: ours(n, fused_kernels=True),
@@ -326,9 +349,21 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     peak = args.peak_tflops * 1e12
     for name, r in results.items():
         r["losses"], r["peak_memory_gib"] = losses.get(name), memory.get(name)
-        if r["warm_median_per_s"]:
-            r["mfu_warm"] = round(r["warm_median_per_s"] * flops_per_token / peak, 3)
+        r["gradient_checkpointing"] = checkpointed.get(name)
+        r["train_phase_seconds"] = phase.get(name)
+        warm_phase = phase.get(name, [])[1:]
+        r["train_phase_warm_median_per_s"] = round(useful / statistics.median(warm_phase), 1) if warm_phase else None
+        for key, rate in (
+            ("mfu_warm", r["warm_median_per_s"]),
+            ("mfu_train_phase", r["train_phase_warm_median_per_s"]),
+        ):
+            r[key] = round(rate * flops_per_token / peak, 3) if rate else None
     ours_rate, trl_rate = (results[k]["warm_median_per_s"] for k in ("personaspace_train_adapter", "trl_defaults"))
+    ratios = {"personaspace/trl_defaults": round(ours_rate / trl_rate, 2) if ours_rate and trl_rate else None}
+    for name, r in results.items():
+        base_rate = results["trl_defaults"]["train_phase_warm_median_per_s"]
+        if name != "trl_defaults" and r["train_phase_warm_median_per_s"] and base_rate:
+            ratios[f"{name}/trl_defaults, train phase"] = round(r["train_phase_warm_median_per_s"] / base_rate, 2)
     padded = sum(max(lengths[i : i + recipe.batch_size]) * len(lengths[i : i + recipe.batch_size])
                  for i in range(0, len(lengths), recipe.batch_size))  # fmt: skip
     return {
@@ -339,7 +374,7 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
         "batch_size": recipe.batch_size, "grad_accum": recipe.grad_accum, "max_length": recipe.max_length,
         "gradient_checkpointing": recipe.gradient_checkpointing,
         "flops_per_useful_token": flops_per_token, "peak_tflops": args.peak_tflops, "paths": results,
-        "ratios_warm": {"personaspace/trl_defaults": round(ours_rate / trl_rate, 2) if ours_rate and trl_rate else None},
+        "ratios_warm": ratios,
     }  # fmt: skip
 
 
@@ -366,7 +401,15 @@ def main() -> None:
         "--train-variants",
         nargs="*",
         default=["flip_checkpointing", "sdpa", "liger"],
-        choices=["flip_checkpointing", "no_checkpointing_half_rows", "sdpa", "liger", "liger_no_checkpointing"],
+        choices=[
+            "flip_checkpointing",
+            "auto_checkpointing",
+            "auto_checkpointing_4x_rows",
+            "no_checkpointing_half_rows",
+            "sdpa",
+            "liger",
+            "liger_no_checkpointing",
+        ],
         help="train: extra variants of ours",
     )
     parser.add_argument("--peak-tflops", type=float, help="bf16 peak for MFU (default: measured here with matmuls)")

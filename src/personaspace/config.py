@@ -142,8 +142,9 @@ class RecipeParams(_Strict):
     batch_size: int = Field(gt=0, description="rows per device step")
     grad_accum: int = Field(gt=0, description="steps per optimiser update (effective batch = batch_size x grad_accum)")
     max_length: int = Field(gt=0, description="longest training row in tokens (longer rows are an error)")
-    gradient_checkpointing: bool = Field(
-        description="recompute activations in the backward pass: needed for 7B models on a GPU, ~30% slower"
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        description="recompute activations in the backward pass (~30% slower); auto: on a GPU, only when the "
+        "recipe's largest step does not fit without it (measured before training); never on the CPU"
     )
 
 

@@ -51,6 +51,16 @@ class Ranks:
             return f"cuda:{self.local_rank}"
         return resolved
 
+    def on_any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank, so that all ranks take the same branch (one process: ``flag``)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        flags: list[Any] = [None] * self.world
+        dist.all_gather_object(flags, flag)
+        return any(flags)
+
     def mine(self, count: int) -> list[int]:
         """Indices of the ``count`` work units (batches) this rank runs: every world-th, from its rank."""
         return list(range(self.rank, count, self.world))

@@ -146,6 +146,41 @@ def packed_attention(use_gpu: bool) -> str:
     return "flex_attention" if use_gpu else "sdpa"
 
 
+MEMORY_HEADROOM = 0.15  # of the GPU's memory kept free of the measured peak: optimiser state, fragmentation
+
+
+def largest_step_overflows(trainer: Any, rows_per_step: int) -> bool:
+    """Whether a training step of ``dataset``'s longest rows would overflow this GPU without checkpointing.
+
+    Measured, not estimated: one forward and backward of the ``rows_per_step`` longest rows of its
+    dataset, packed as the trainer packs a step (no step holds more tokens), on ``trainer``'s model built
+    without checkpointing. Out of memory, or a peak above the device's memory less
+    ``MEMORY_HEADROOM``, means it would. RNG state is restored (dropout draws) and gradients dropped,
+    so the training that follows is the one it would have been.
+    """
+    import torch
+
+    rows = trainer.train_dataset
+    longest = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))[:rows_per_step]
+    batch = trainer.data_collator([{k: rows[i][k] for k in ("input_ids", "labels")} for i in longest])
+    device = trainer.model.device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.random.fork_rng(devices=[device]), trainer.accelerator.autocast():
+            trainer.model.train()
+            loss, _ = next_token_loss(trainer.model, batch)
+            loss.backward()
+        overflows = torch.cuda.max_memory_allocated(device) > (1 - MEMORY_HEADROOM) * torch.cuda.mem_get_info(device)[1]
+    except torch.OutOfMemoryError:
+        overflows = True
+    trainer.model.zero_grad(set_to_none=True)
+    del batch
+    torch.cuda.empty_cache()
+    return overflows
+
+
 def per_device_batch(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
     """(rows per device step, accumulation steps) so that rows x steps x ``world`` = the recipe's batch.
 
@@ -195,9 +230,10 @@ def train_adapter(
     Rows are packed into one sequence per step (no padding) and the LM head runs only where the
     next token is labelled, on the CPU and the GPU alike. ``attention`` (default
     ``packed_attention``) and ``fused_kernels`` (liger-kernel's RMSNorm, RoPE and SwiGLU; off by
-    default: 4% slower at the Qwen2.5-7B shape on an H200, benchmarks/results/gpu_7b_h200.json)
-    exist for the GPU benchmark; they change speed, not the loss beyond rounding. Activations are recomputed
-    in the backward pass only when the recipe says so (``gradient_checkpointing``).
+    default: within a few percent either way at the Qwen2.5-7B shape on an H200,
+    benchmarks/results/gpu_7b_h200.json) exist for the GPU benchmark; they change speed, not the
+    loss beyond rounding. Activations are recomputed in the backward pass only when the recipe says so (``gradient_checkpointing``), or, for
+    ``auto``, when ``largest_step_overflows`` finds that the GPU needs it.
 
     Under torchrun (``personaspace.distributed.launch``) the training is data parallel over the
     ranks with the recipe's effective batch (``per_device_batch``); rank 0 alone saves the adapter.
@@ -211,52 +247,64 @@ def train_adapter(
 
     ranks = current()
     rows_per_step, accum = per_device_batch(recipe.batch_size, recipe.grad_accum, ranks.world)
-    torch.manual_seed(seed)
     use_gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.bfloat16 if use_gpu else torch.float32,
-        attn_implementation=attention or packed_attention(use_gpu),
-    )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     lora = LoraConfig(
         r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout, use_rslora=recipe.rslora,
         target_modules=list(recipe.target_modules), task_type="CAUSAL_LM",
     )  # fmt: skip
     scratch = tempfile.mkdtemp(prefix="personaspace-trainer-")  # nothing is saved there (save_strategy=no)
-    config = SFTConfig(
-        output_dir=scratch,
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.schedule,
-        warmup_steps=recipe.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        num_train_epochs=recipe.epochs,
-        per_device_train_batch_size=rows_per_step,
-        gradient_accumulation_steps=accum,
-        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
-        # rows packed into one sequence with position_ids (no padding; transformers builds the
-        # block-diagonal mask from them), tokenize_* having enforced recipe.max_length per row
-        padding_free=True,
-        max_length=None,
-        use_liger_kernel=fused_kernels,
-        gradient_checkpointing=recipe.gradient_checkpointing,  # TRL defaults it to True
-        seed=seed,
-        data_seed=seed,
-        loss_type="nll",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=use_gpu,
-        use_cpu=not use_gpu,
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-    )
-    if use_gpu and ranks.world == 1 and config.n_gpu > 1:
-        # one process trains on one GPU: with several visible, Trainer would wrap the model in
-        # nn.DataParallel, which TRL refuses; several GPUs train through parallel.processes (torchrun)
-        config._n_gpu = 1
-    trainer = _trainer_class()(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
-        callbacks=list(callbacks),
-    )  # fmt: skip
+
+    def build(checkpointing: bool) -> Any:
+        torch.manual_seed(seed)  # the LoRA's initial weights, the same for either build
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.bfloat16 if use_gpu else torch.float32,
+            attn_implementation=attention or packed_attention(use_gpu),
+        )  # fmt: skip
+        config = SFTConfig(
+            output_dir=scratch,
+            learning_rate=recipe.learning_rate,
+            lr_scheduler_type=recipe.schedule,
+            warmup_steps=recipe.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+            num_train_epochs=recipe.epochs,
+            per_device_train_batch_size=rows_per_step,
+            gradient_accumulation_steps=accum,
+            ddp_find_unused_parameters=False,  # every LoRA weight takes part in every forward
+            # rows packed into one sequence with position_ids (no padding; transformers builds the
+            # block-diagonal mask from them), tokenize_* having enforced recipe.max_length per row
+            padding_free=True,
+            max_length=None,
+            use_liger_kernel=fused_kernels,
+            gradient_checkpointing=checkpointing,  # TRL defaults it to True
+            seed=seed,
+            data_seed=seed,
+            loss_type="nll",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            bf16=use_gpu,
+            use_cpu=not use_gpu,
+            disable_tqdm=False,
+            dataloader_num_workers=0,
+        )
+        if use_gpu and ranks.world == 1 and config.n_gpu > 1:
+            # one process trains on one GPU: with several visible, Trainer would wrap the model in
+            # nn.DataParallel, which TRL refuses; several GPUs train through parallel.processes (torchrun)
+            config._n_gpu = 1
+        return _trainer_class()(
+            model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+            callbacks=list(callbacks),
+        )  # fmt: skip
+
+    auto = recipe.gradient_checkpointing == "auto"
+    checkpointing = recipe.gradient_checkpointing is True
+    trainer = build(checkpointing)
+    if auto and use_gpu:
+        checkpointing = ranks.on_any(largest_step_overflows(trainer, rows_per_step))
+        if checkpointing:
+            del trainer
+            torch.cuda.empty_cache()
+            trainer = build(True)
     try:
         result = trainer.train()
     finally:
@@ -270,6 +318,7 @@ def train_adapter(
         if "loss" in entry
     ]
     return {
+        "gradient_checkpointing": checkpointing,
         "train_loss": float(result.training_loss),
         "steps": int(result.global_step),
         "rows": len(dataset),
