@@ -5,14 +5,16 @@
 
 Counts every completion and training token the stage graph implies (from `personaspace params
 study=<s> scale=paper model=qwen2.5-7b-instruct`, plus `personas=<N>` for the panel) and divides by
-throughputs measured on one GPU with a Qwen2.5-7B-shaped model: generation from
-`benchmarks/gpu_7b.py`'s results (``--decoder``: ``static`` = the static decode loop, ``hf`` = the
-current hf loop, both batch 256) and LoRA training from DESIGN.md (~6.1k tok/s on an H100, r=32,
-all projections, gradient checkpointing). Completion lengths are an assumption
+throughputs measured on one GPU with a Qwen2.5-7B-shaped model, all from `benchmarks/gpu_7b.py`'s
+results: generation (``--decoder``: ``static`` = the static decode loop the hf backend runs on a
+GPU, ``hf`` = the plain loop, both batch 256) and LoRA training of recipe A1 (``--trainer``:
+``packed`` = ``train_adapter`` as the stages run it, packed rows and checkpointing ``auto``;
+``trl`` = TRL's defaults, padded with checkpointing, as the GPU trained before; whole passes,
+model load included). Completion lengths are an assumption
 (`--completion-tokens`): no Qwen answer was sampled here; the measured decode rate is for full
 batches (every row runs to the limit), so batches that thin out as rows end run slower than this.
 Start-up, model loads and merges are not counted. ``--table`` writes S1 at 12, 24 and 48 personas
-and S2 with both decoders.
+and S2, now (static decode, packed training) and before (plain loop, TRL's defaults).
 """
 
 from __future__ import annotations
@@ -37,34 +39,42 @@ def main() -> None:
     parser.add_argument("--completion-tokens", type=float, default=400.0, help="assumed mean answer length")
     parser.add_argument("--prompt-tokens", type=float, default=80.0, help="system + user turn, chat template")
     parser.add_argument("--pretrain-row-tokens", type=float, default=300.0, help="assumed mean pre-training row")
-    parser.add_argument("--train-tok-s", type=float, default=6100.0, help="H100 LoRA training (DESIGN.md)")
-    parser.add_argument("--generation", type=Path, default=REPO / "benchmarks/results/gpu_7b_h200.json")
+    parser.add_argument("--measured", type=Path, default=REPO / "benchmarks/results/gpu_7b_h200.json")
     parser.add_argument("--decoder", choices=["static", "hf"], default="static")
+    parser.add_argument("--trainer", choices=["packed", "trl"], default="packed")
     parser.add_argument("--personas", type=int, help="panel size (default: the study's)")
     parser.add_argument("--table", action="store_true", help="S1 at N=12/24/48 and S2, both decoders")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    generate = json.loads(args.generation.read_text())["generate"]["paths"]
-    rates = {"static": generate["personaspace_static"]["warm_median_per_s"],
-             "hf": generate["personaspace_hf"]["warm_median_per_s"]}  # fmt: skip
+    measured = json.loads(args.measured.read_text())
+    generate = measured["generate"]["paths"]
+    decode = {"static": generate["personaspace_static"]["warm_median_per_s"],
+              "hf": generate["personaspace_hf"]["warm_median_per_s"]}  # fmt: skip
+    train = measured["train_auto_checkpointing"]["paths"]  # one run: both trainers, same rows, same process
+    training = {"packed": train["auto_checkpointing"]["warm_median_per_s"],
+                "trl": train["trl_defaults"]["warm_median_per_s"]}  # fmt: skip
     if not args.table:
-        result = project(args, args.study, args.personas, rates[args.decoder])
+        result = project(args, args.study, args.personas, decode[args.decoder], training[args.trainer])
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
     rows = []
     for label, study, personas in (("S1, N=12", "panel", 12), ("S1, N=24", "panel", 24), ("S1, N=48", "panel", 48),
                                    ("S2 (em_first)", "em_first", None)):  # fmt: skip
-        hours = {d: project(args, study, personas, rates[d])["total_hours_one_gpu"] for d in rates}
-        rows.append({"study": label, "hours_static_decode": hours["static"], "hours_hf_loop": hours["hf"]})
-        print(f"| {label} | {hours['static']} | {hours['hf']} |")
-    table = {"generation": str(args.generation.relative_to(REPO)), "generation_tok_s": rates,
-             "training_tok_s": args.train_tok_s, "rows": rows,
+        now = project(args, study, personas, decode["static"], training["packed"])
+        before = project(args, study, personas, decode["hf"], training["trl"])
+        rows.append({"study": label, "hours_now": now["total_hours_one_gpu"], "hours_before": before["total_hours_one_gpu"],
+                     "hours_by_stage_now": {k: round(v["seconds"] / 3600, 2) for k, v in now["stages"].items()}})  # fmt: skip
+        print(f"| {label} | {now['total_hours_one_gpu']} | {before['total_hours_one_gpu']} |")
+    table = {"measured": str(args.measured.relative_to(REPO)), "generation_tok_s": decode, "training_tok_s": training,
+             "now": "static decode loop, packed training (checkpointing auto)",
+             "before": "plain hf decode loop, TRL's defaults (padded, checkpointing)", "rows": rows,
              "not_counted": "S3 and S4 (no presets yet); vLLM (not measurable on the lent GPUs)"}  # fmt: skip
     args.out.write_text(json.dumps(table, indent=2) + "\n")
 
 
-def project(args: argparse.Namespace, study_name: str, personas: int | None, gen_tok_s: float) -> dict:
+def project(args: argparse.Namespace, study_name: str, personas: int | None, gen_tok_s: float,
+            train_tok_s: float) -> dict:  # fmt: skip
     """GPU-seconds per stage of one study at paper scale, from its stage graph and the throughputs."""
     with tempfile.TemporaryDirectory() as scratch:
         composed = Path(scratch) / "params.yaml"
@@ -92,16 +102,16 @@ def project(args: argparse.Namespace, study_name: str, personas: int | None, gen
     evals = len(graph.eval) * adapters_per_condition * len(study.eval_personas) * eval_questions
     evals *= params.eval.samples_per_question
     stages = {
-        "pretrain": {"tokens": pretrain_tokens, "seconds": pretrain_tokens / args.train_tok_s},
+        "pretrain": {"tokens": pretrain_tokens, "seconds": pretrain_tokens / train_tok_s},
         "datagen": {"completions": datagen, "seconds": datagen * args.completion_tokens / gen_tok_s},
-        "couple": {"adapters": len(graph.couple), "tokens": couple_tokens, "seconds": couple_tokens / args.train_tok_s},
+        "couple": {"adapters": len(graph.couple), "tokens": couple_tokens, "seconds": couple_tokens / train_tok_s},
         "eval": {"completions": evals, "seconds": evals * args.completion_tokens / gen_tok_s},
     }
     total = sum(s["seconds"] for s in stages.values())
     return {
         "study": study_name, "personas": len(params.panel), "scale": "paper", "model": params.model,
         "assumptions": {k: getattr(args, k) for k in ("completion_tokens", "prompt_tokens", "pretrain_row_tokens")},
-        "throughputs": {"generation_tok_s": round(gen_tok_s), "training_tok_s": args.train_tok_s},
+        "throughputs": {"generation_tok_s": round(gen_tok_s), "training_tok_s": round(train_tok_s)},
         "stages": {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in stages.items()},
         "total_hours_one_gpu": round(total / 3600, 2),
     }  # fmt: skip
