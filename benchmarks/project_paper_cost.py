@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--measured", type=Path, default=REPO / "benchmarks/results/gpu_7b_h200.json")
     parser.add_argument("--decoder", choices=["static", "hf"], default="static")
     parser.add_argument("--trainer", choices=["packed", "trl"], default="packed")
+    parser.add_argument("--vllm-tok-s", type=float, default=12500.0,
+                        help="vLLM output tok/s for the projected column: a published, not measured, figure "
+                             "(Llama 3.1 8B bf16 on one H100, ~12,500 tok/s, morphllm.com/vllm-benchmarks, 2026)")  # fmt: skip
     parser.add_argument("--personas", type=int, help="panel size (default: the study's)")
     parser.add_argument("--table", action="store_true", help="S1 at N=12/24/48 and S2, both decoders")
     parser.add_argument("--out", type=Path, required=True)
@@ -63,13 +66,20 @@ def main() -> None:
                                    ("S2 (em_first)", "em_first", None)):  # fmt: skip
         now = project(args, study, personas, decode["static"], training["packed"])
         before = project(args, study, personas, decode["hf"], training["trl"])
+        vllm = project(args, study, personas, args.vllm_tok_s, training["packed"])
         rows.append({"study": label, "hours_now": now["total_hours_one_gpu"], "hours_before": before["total_hours_one_gpu"],
+                     "hours_vllm_projected": vllm["total_hours_one_gpu"],
                      "hours_by_stage_now": {k: round(v["seconds"] / 3600, 2) for k, v in now["stages"].items()}})  # fmt: skip
-        print(f"| {label} | {now['total_hours_one_gpu']} | {before['total_hours_one_gpu']} |")
+        print(
+            f"| {label} | {now['total_hours_one_gpu']} | {before['total_hours_one_gpu']} | {vllm['total_hours_one_gpu']} |"
+        )
     table = {"measured": str(args.measured.relative_to(REPO)), "generation_tok_s": decode, "training_tok_s": training,
              "now": "static decode loop, packed training (checkpointing auto)",
              "before": "plain hf decode loop, TRL's defaults (padded, checkpointing)", "rows": rows,
-             "not_counted": "S3 and S4 (no presets yet); vLLM (not measurable on the lent GPUs)"}  # fmt: skip
+             "vllm_projected": f"datagen and eval at {args.vllm_tok_s:.0f} tok/s, a published third-party figure for a "
+                               "similar model on one H100 (see --vllm-tok-s), not measured here (vLLM's wheel does not "
+                               "travel to the lent GPUs); training as now",
+             "not_counted": "S3 and S4 (no presets yet)"}  # fmt: skip
     args.out.write_text(json.dumps(table, indent=2) + "\n")
 
 
