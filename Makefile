@@ -33,8 +33,10 @@ $(VLLM_VENV)/.installed: requirements-vllm.lock
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
 	touch $@
 
+# Two workers (this machine's cores): the pipeline's two chains of tests run side by side
+# (tests/test_pipeline.py), the short tests beside them.
 test: setup lint vllm-env
-	python -m pytest
+	python -m pytest -n 2 --dist loadgroup
 
 lint: setup
 	ruff check .
