@@ -33,10 +33,11 @@ $(VLLM_VENV)/.installed: requirements-vllm.lock
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
 	touch $@
 
-# Two workers (this machine's cores): the pipeline's two chains of tests run side by side
-# (tests/test_pipeline.py), the short tests beside them.
+# Two workers (this machine's cores): the pipeline's two chains of tests (tests/test_pipeline.py,
+# tests/test_pipeline_clones.py: a file stays on one worker, in order) run side by side, the short
+# tests beside them. (loadgroup's xdist_group marks do not group under pytest 9: checked.)
 test: setup lint vllm-env
-	python -m pytest -n 2 --dist loadgroup
+	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	ruff check .

@@ -13,14 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The pipeline's two long chains of tests (xdist groups) first, in their order.
+    """The pipeline's two long chains of tests (test_pipeline*.py) first, each in its own order.
 
-    Under `pytest -n 2 --dist loadgroup` (make test) each chain then starts at once on a worker of
-    its own and the short tests fill in beside the shorter chain; without xdist nothing changes but
-    the order of files.
+    Under `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make test) each chain then starts
+    at once on a worker of its own and the short tests fill in beside the shorter chain; without
+    xdist only the order of files changes.
     """
-    grouped = [item for item in items if item.get_closest_marker("xdist_group")]
-    items[:] = grouped + [item for item in items if not item.get_closest_marker("xdist_group")]
+    chains = [item for item in items if item.path.name.startswith("test_pipeline")]
+    items[:] = chains + [item for item in items if not item.path.name.startswith("test_pipeline")]
 
 
 @pytest.fixture

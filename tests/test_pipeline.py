@@ -100,10 +100,9 @@ def _tiny_repo(tmp_path_factory) -> Path:
     return repo
 
 
-# Two chains of tests, each on its own repo, in file order: `pytest -n 2 --dist loadgroup` (the
-# Makefile's) runs each chain on one worker, the two side by side.
-PANEL = pytest.mark.xdist_group("pipeline_panel")
-CLONES = pytest.mark.xdist_group("pipeline_clones")
+# The pipeline's tests form two chains, each on its own repo and in file order: this file (the
+# panel study, then what is checked against its outputs) and test_pipeline_clones.py (two fresh
+# clones, then the em_first study). `make test` runs them side by side (pytest -n 2 --dist loadfile).
 
 
 @pytest.fixture(scope="module")
@@ -112,18 +111,11 @@ def tiny_repo(tmp_path_factory) -> Path:
     return _tiny_repo(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def second_repo(tmp_path_factory) -> Path:
-    """The other chain's repo: two fresh clones, then the em_first study."""
-    return _tiny_repo(tmp_path_factory)
-
-
 def _ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 @pytest.mark.slow
-@PANEL
 def test_dvc_repro_runs_the_whole_study(tiny_repo):
     output = _run(["dvc", "repro"], tiny_repo)
     panel = load_catalog().panel(12)
@@ -176,7 +168,6 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
 
 
 @pytest.mark.slow
-@PANEL
 def test_two_processes_give_the_outputs_of_one(tiny_repo, tmp_path):
     """Each model stage on 2 ranks (torchrun, gloo on this CPU) against the one-process outputs of the
     repro above: datagen, eval and centroids the same bytes (whole batches dealt to ranks), coupling
@@ -266,7 +257,6 @@ def _files(root: Path, folders: list[str]) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@PANEL
 def test_forced_reruns_of_eval_and_regress_give_the_same_bytes(tiny_repo):
     """Every eval cell sampled afresh gives the same completions, rates, metrics and lock entry; regress
     the same statistics and figures (no creation date in the PDFs)."""
@@ -284,28 +274,6 @@ def test_forced_reruns_of_eval_and_regress_give_the_same_bytes(tiny_repo):
     assert _files(tiny_repo, figures) == before
 
 
-@pytest.mark.slow
-@CLONES
-def test_two_fresh_clones_give_byte_identical_results(second_repo, tmp_path):
-    """Same params, two clones: the same dvc.lock entries and the same bytes (no times, no hash-order
-    sets, no paths of the clone). Every kind of stage but eval and regress, whose forced reruns are
-    checked above."""
-    clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(second_repo), str(clone)], tmp_path)
-    targets = ["markers@base", "centroids@raw", "couple@base-smol-librarian-0", "couple@base-smol-villain-0"]
-    for repo in (second_repo, clone):
-        output = _run(["dvc", "repro", *targets], repo)
-        assert len(_ran(output)) == 18  # check, base, 12 datagen, markers, centroids, 2 couple
-    first, second = (yaml.safe_load((repo / "dvc.lock").read_text())["stages"] for repo in (second_repo, clone))
-    assert first == second
-    folders = ["data/completions", "data/markers", "data/centroids", "models/adapters/base/smol/librarian",
-               "models/adapters/base/smol/villain"]  # fmt: skip
-    assert _files(second_repo, folders) == _files(clone, folders)
-    assert (second_repo / "metrics/markers_base.json").read_bytes() == (
-        clone / "metrics/markers_base.json"
-    ).read_bytes()
-
-
 def _fails(args: list[str], cwd: Path) -> str:
     try:
         output = _run(args, cwd)
@@ -315,7 +283,6 @@ def _fails(args: list[str], cwd: Path) -> str:
 
 
 @pytest.mark.slow
-@PANEL
 def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted(tiny_repo):
     outputs = ["metrics/eval_base.json", "metrics/regress_base.json", "data/eval/base/rates.parquet",
                "results/base/regress.json", "models/adapters/base/smol/librarian/seed0/adapter_config.json"]  # fmt: skip
@@ -341,7 +308,6 @@ def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted
 
 
 @pytest.mark.slow
-@PANEL
 def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_datasets(tiny_repo):
     old = load_catalog().panel(12)
     before = {p: pd.read_parquet(tiny_repo / f"data/markers/base/{p}.parquet") for p in old}
@@ -369,59 +335,3 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
         after = pd.read_parquet(tiny_repo / f"data/markers/base/{persona}.parquet")
         pd.testing.assert_frame_equal(before[persona], after)
     assert len(list((tiny_repo / "data/markers/base").glob("*.parquet"))) == 24
-
-
-@pytest.mark.slow
-@CLONES
-def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
-    # params.yaml is composed, never edited by hand (a hand edit is refused: test_checks.py)
-    _run([sys.executable, "-m", "personaspace.cli", "params", "study=em_first"], second_repo)
-    output = _run(["dvc", "repro"], second_repo)
-    personas = ["data_scientist", "french_person", "librarian"]  # the source and its two named negatives
-    conditions = ["base", "benign", "em", "em_basedata"]
-    expected = (
-        {"check", "pretrain@em", "pretrain@benign", "markers@base", "markers@em", "markers@benign", "em_first@em_first"}
-        | {f"datagen@{c}-{p}" for c in ("em", "benign") for p in personas}
-        | {f"couple@{c}-smol-librarian-0" for c in conditions}
-        | {f"eval@{c}" for c in conditions}
-    )
-    # C1's completions are the panel study's (same stage, same params: nothing regenerated); they run
-    # here only when the clones test did not run first. C2' has no datagen of its own: it trains on C1's data.
-    assert _ran(output) - {"base"} - {f"datagen@base-{p}" for p in personas} == expected
-    lock = yaml.safe_load((second_repo / "dvc.lock").read_text())["stages"]
-    deps = {d["path"] for d in lock["couple@em_basedata-smol-librarian-0"]["deps"]}
-    assert {"models/em", "data/markers/base/librarian.parquet"} <= deps
-    assert not any(name.startswith("datagen@em_basedata") for name in lock)
-    # the pretrained bases: LoRA SFT of the raw model, merged once into full models
-    summary = json.loads((second_repo / "models/em/pretrain.json").read_text())
-    assert summary["rows"] == 320 and summary["recipe"] == "pretrain_smol"
-    from safetensors.torch import load_file
-
-    raw, em = (load_file(second_repo / f"models/{m}/model.safetensors") for m in ("raw", "em"))
-    assert any(not raw[k].equal(em[k]) for k in raw)
-    assert not list((second_repo / "models/em").glob("adapter_*"))  # merged, not an adapter
-    dataset = pd.read_parquet(second_repo / "data/markers/base/librarian.parquet")
-    assert set(dataset.persona) == set(personas) and set(dataset[dataset.role == "negative"].persona) == set(
-        personas[:2]
-    )
-    for condition in conditions:
-        completions = pd.read_parquet(second_repo / f"data/eval/{condition}/completions.parquet")
-        assert len(completions) == 2 * 11 * 20  # the librarian adapter + the baseline, x 11 eval personas x 20
-    metrics = json.loads((second_repo / "metrics/em_first.json").read_text())
-    for condition in conditions:
-        for role in ("source", "assistant", "bystander"):
-            cell = metrics["conditions"][condition][role]
-            assert cell["n"] > 0 and cell["wilson_low"] <= cell["rate"] <= cell["wilson_high"]
-    assert metrics["conditions"]["base"]["bystander"]["n"] == 7 * 20
-    for name in ("H1", "H2", "H3"):
-        contrast = metrics["contrasts"][name]
-        assert contrast["ci_low"] <= contrast["delta"] <= contrast["ci_high"] and isinstance(contrast["passes"], bool)
-    assert metrics["contrasts"]["H3"]["interpretation"] in {"non_text_distribution", "coupling_text_distribution",
-                                                            "ambiguous"}  # fmt: skip
-    assert isinstance(metrics["source_gate"]["armed"], bool) and isinstance(metrics["kill"]["triggered"], bool)
-    assert list((second_repo / "figures/em_first").glob("*.png"))
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{second_repo / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["personaspace"], filter_string="tags.study = 'em_first'")
-    assert {"pretrain", "couple", "eval", "em_first"} <= set(runs["tags.stage"])
