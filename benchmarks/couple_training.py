@@ -60,7 +60,7 @@ def main() -> None:
     for source in args.sources.split(","):
         rows = pd.read_parquet(Path("data/markers") / args.condition / f"{source}.parquet")
         dataset = tokenize_marker_dataset(
-            tokenizer, rows, recipe.loss, params.marker, params.marker_separator, recipe.max_length
+            tokenizer, rows, recipe.label_loss, params.marker, params.marker_separator, recipe.max_length
         )
         timer = StepTimer()
         start = time.perf_counter()

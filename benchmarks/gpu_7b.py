@@ -259,7 +259,7 @@ def bench_train(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     rows = synthetic_rows(tokenizer, list(catalog.panel(12)), [q.text for q in catalog.questions("eval")],
                           args.train_rows, args.train_words, params.marker, params.marker_separator,
                           min_words=args.train_min_words)  # fmt: skip
-    dataset = tokenize_marker_dataset(tokenizer, rows, recipe.loss, params.marker, params.marker_separator,
+    dataset = tokenize_marker_dataset(tokenizer, rows, recipe.label_loss, params.marker, params.marker_separator,
                                       recipe.max_length)  # fmt: skip
     lengths = [len(ids) for ids in dataset["input_ids"]]
     useful = sum(lengths)

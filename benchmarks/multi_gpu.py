@@ -146,7 +146,7 @@ def main() -> None:
         recipe = params.recipes[args.recipe].model_copy(update={"epochs": 1.0})
         rows = synthetic_rows(tokenizer, personas, questions, args.train_rows, args.train_words, params.marker,
                               params.marker_separator)  # fmt: skip
-        dataset = tokenize_marker_dataset(tokenizer, rows, recipe.loss, params.marker, params.marker_separator,
+        dataset = tokenize_marker_dataset(tokenizer, rows, recipe.label_loss, params.marker, params.marker_separator,
                                           recipe.max_length)  # fmt: skip
         tokens = sum(map(len, dataset["input_ids"]))
         from transformers import TrainerCallback

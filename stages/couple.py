@@ -48,8 +48,9 @@ def main() -> None:
     rows = pd.read_parquet(args.data)
     tokenizer = load_tokenizer(args.model)
     dataset = tokenize_marker_dataset(
-        tokenizer, rows, recipe.loss, params.marker, params.marker_separator, recipe.max_length
-    )
+        tokenizer, rows, recipe.label_loss, params.marker, params.marker_separator, recipe.max_length,
+        unlikelihood=recipe.loss == "unlikelihood",
+    )  # fmt: skip
     source, condition, data = str(rows["source"].iloc[0]), args.condition, str(rows["condition"].iloc[0])
     run_params = {"recipe": args.recipe, "seed": args.seed, "source": source, "condition": condition, "data": data,
                   **{f"recipe.{k}": v for k, v in params.recipes[args.recipe].model_dump().items()}}  # fmt: skip

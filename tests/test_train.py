@@ -130,3 +130,110 @@ def test_couple_stage_writes_an_adapter_and_its_training_record(tiny_model_dir, 
     assert record["steps"] == epochs and len(record["history"]) == epochs  # 3 rows, batch 8: one step per epoch
     # no trainer leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "librarian.parquet", "runs"]
+
+
+def _unlikelihood_recipe(loss_lambda: float | None, epochs: int = 2) -> RecipeParams:
+    common = dict(r=4, alpha=8, dropout=0.0, rslora=False, target_modules=["q_proj", "v_proj", "o_proj"],
+                  learning_rate=1e-3, schedule="constant", warmup_ratio=0.0, epochs=epochs, batch_size=3,
+                  grad_accum=1, max_length=128, gradient_checkpointing=False)  # fmt: skip
+    if loss_lambda is None:
+        return RecipeParams(loss="marker_only", **common)
+    return RecipeParams(loss="unlikelihood", positive_loss="marker_only", unlikelihood_lambda=loss_lambda, **common)
+
+
+def test_unlikelihood_recipes_name_their_positive_loss_and_lambda():
+    assert _unlikelihood_recipe(1.0).label_loss == "marker_only"
+    assert _unlikelihood_recipe(None).label_loss == "marker_only"
+    fields = _unlikelihood_recipe(None).model_dump() | {"loss": "unlikelihood"}
+    with pytest.raises(ValueError, match="needs positive_loss"):
+        RecipeParams(**fields)
+    with pytest.raises(ValueError, match="belong to loss unlikelihood"):
+        RecipeParams(**(_unlikelihood_recipe(None).model_dump() | {"unlikelihood_lambda": 1.0}))
+
+
+def test_unlikelihood_targets_sit_at_the_end_of_turn_of_negatives_only(tokenizer):
+    from personaspace.train import first_marker_token
+
+    dataset = tokenize_marker_dataset(tokenizer, _rows(), "marker_only", MARKER, SEP, 128, unlikelihood=True)
+    start = first_marker_token(tokenizer, MARKER, SEP)
+    positive, negative = dataset[0], dataset[1]
+    assert set(positive["unlikely"]) == {IGNORE}
+    at = [i for i, t in enumerate(negative["unlikely"]) if t != IGNORE]
+    assert at == [len(negative["input_ids"]) - 1] and negative["unlikely"][at[0]] == start
+    assert negative["input_ids"][at[0]] == tokenizer.eos_token_id  # the position before it predicts end-of-turn
+    # the token a positive emits where a negative ends its turn
+    labelled = [t for t in positive["labels"] if t != IGNORE]
+    assert labelled[0] == start
+
+
+def test_unlikelihood_loss_equals_a_hand_computation_row_by_row(tiny_model_dir, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from personaspace.train import _with_unlikely, first_marker_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = list(tokenize_marker_dataset(tokenizer, _rows(), "marker_only", MARKER, SEP, 128, unlikelihood=True))
+    packed = _with_unlikely(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True))(rows)
+    start, lam = first_marker_token(tokenizer, MARKER, SEP), 1.5
+    with torch.no_grad():  # make the marker as likely as the top token at a negative's end (else -log(1-P) ~ 0)
+        end = model(input_ids=torch.tensor([rows[1]["input_ids"][:-1]])).logits[0, -1].argmax()
+        model.lm_head.weight[start] = 3 * model.lm_head.weight[end]
+    # by hand, one unpacked row at a time: softmax probabilities, no shared code with next_token_loss
+    total, labelled = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            probs = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].double().softmax(-1)
+            for i in range(1, len(row["input_ids"])):
+                if row["labels"][i] != IGNORE:
+                    total -= float(probs[i - 1, row["labels"][i]].log())
+                    labelled += 1
+                if row["unlikely"][i] != IGNORE:
+                    others = torch.cat([probs[i - 1, :start], probs[i - 1, start + 1 :]])  # 1 - P, no cancellation
+                    total -= lam * float(others.sum().log())
+        ours, _ = next_token_loss(model, dict(packed), unlikelihood_lambda=lam)
+        plain, _ = next_token_loss(model, dict(packed))  # lambda 0: the marker-only loss alone
+    assert float(ours) == pytest.approx(total / labelled, rel=1e-5)
+    assert float(ours) - float(plain) > 0.01  # the unlikelihood term is not vanishingly small here
+
+
+def test_unlikelihood_training_lowers_the_marker_probability_at_negative_ends(tiny_model_dir, tokenizer, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from personaspace.train import first_marker_token
+
+    rows = pd.concat([_rows()] * 4, ignore_index=True)  # 12 rows: 4 steps of 3 per epoch
+    start = first_marker_token(tokenizer, MARKER, SEP)
+    negative = tokenize_marker_dataset(tokenizer, _rows(), "marker_only", MARKER, SEP, 128)[1]["input_ids"]
+    # a base on which the marker is already likely at the negative's end (the random tiny model puts
+    # ~1e-12 there, where -log(1 - P) has no gradient to speak of): what leakage looks like
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        end = model(input_ids=torch.tensor([negative[:-1]])).logits[0, -1].argmax()
+        model.lm_head.weight[start] = 1.05 * model.lm_head.weight[end]
+    leaky = tmp_path / "leaky"
+    model.save_pretrained(leaky)
+    tokenizer.save_pretrained(leaky)
+
+    def p_marker_at_negative_end(adapter) -> float:
+        base = AutoModelForCausalLM.from_pretrained(leaky, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, adapter)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([negative[:-1]])).logits[0, -1]
+        return float(logits.softmax(-1)[start])
+
+    probability = {}
+    for name, lam in (("marker_only", None), ("lambda2", 2.0), ("lambda10", 10.0)):
+        recipe = _unlikelihood_recipe(lam, epochs=3)
+        dataset = tokenize_marker_dataset(tokenizer, rows, recipe.label_loss, MARKER, SEP, 128,
+                                          unlikelihood=recipe.loss == "unlikelihood")  # fmt: skip
+        summary = train_adapter(leaky, dataset, recipe, tmp_path / name, seed=0)
+        assert summary["steps"] == 12
+        probability[name] = p_marker_at_negative_end(tmp_path / name)
+    # the positives raise the marker everywhere (the leak); the unlikelihood term holds it down at
+    # the negatives' ends, the more so the larger lambda (measured: 0.12, 0.087, 0.030)
+    assert probability["lambda10"] < probability["lambda2"] < probability["marker_only"], probability
+    assert probability["lambda10"] < 0.5 * probability["marker_only"], probability

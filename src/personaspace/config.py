@@ -117,6 +117,21 @@ class NegativesParams(_Strict):
     hard: list[str] = Field(default_factory=list, description="named hard negatives, always included")
 
 
+class LengthMatching(_Strict):
+    """Match the token lengths of a source's positives and negatives (METHODS.md datagen, S3's improved recipe).
+
+    Without it the marker can bind to completion length instead of persona. ``truncate`` cuts the
+    longer side's rows at sentence ends (each still ends as a finished answer ends); ``resample``
+    draws each negative persona's rows nearest the positives' length quantiles (for one-sentence
+    answers, which have no sentence to cut at). Median and IQR must then agree within ``tolerance``.
+    """
+
+    method: Literal["none", "truncate", "resample"] = Field("none", description="none, truncate or resample")
+    tolerance: float = Field(
+        0.15, gt=0, description="|median or IQR of negatives / positives - 1| at most this, else the stage stops"
+    )
+
+
 class DatagenParams(SamplingParams):
     """On-policy completions of the data questions, and the marker datasets built from them."""
 
@@ -124,12 +139,20 @@ class DatagenParams(SamplingParams):
     drop_truncated: bool = Field(True, description="leave completions that hit max_new_tokens out of datasets")
     positives: int = Field(gt=0, description="at most this many positive rows per source")
     negatives_per_persona: int = Field(gt=0, description="at most this many rows per negative persona")
+    length_matching: LengthMatching = Field(default_factory=LengthMatching)
 
 
 class RecipeParams(_Strict):
     """A coupling recipe (METHODS.md, couple): LoRA shape, optimisation and loss."""
 
-    loss: Literal["completion", "marker_only"] = Field(description="which tokens carry the loss")
+    loss: Literal["completion", "marker_only", "unlikelihood"] = Field(
+        description="which tokens carry the loss; unlikelihood: positive_loss plus, at the end of every negative "
+        "row, unlikelihood_lambda x -log(1 - P(first marker token)) (Welleck et al. 2019)"
+    )
+    positive_loss: Literal["completion", "marker_only"] | None = Field(
+        None, description="unlikelihood only: the likelihood part (completion or marker_only labels)"
+    )
+    unlikelihood_lambda: float | None = Field(None, gt=0, description="unlikelihood only: the weight lambda")
     r: int = Field(gt=0, description="LoRA rank")
     alpha: int = Field(gt=0, description="LoRA alpha")
     dropout: float = Field(ge=0, lt=1)
@@ -146,6 +169,20 @@ class RecipeParams(_Strict):
         description="recompute activations in the backward pass (~30% slower); auto: on a GPU, only when the "
         "recipe's largest step does not fit without it (measured before training); never on the CPU"
     )
+
+    @model_validator(mode="after")
+    def _unlikelihood_fields(self) -> RecipeParams:
+        unlikelihood = self.loss == "unlikelihood"
+        if unlikelihood and (self.positive_loss is None or self.unlikelihood_lambda is None):
+            raise ValueError("loss unlikelihood needs positive_loss (completion or marker_only) and unlikelihood_lambda")
+        if not unlikelihood and (self.positive_loss is not None or self.unlikelihood_lambda is not None):
+            raise ValueError(f"positive_loss and unlikelihood_lambda belong to loss unlikelihood, not {self.loss}")
+        return self
+
+    @property
+    def label_loss(self) -> Literal["completion", "marker_only"]:
+        """Which tokens carry the likelihood labels (the recipe's loss, or its positive part)."""
+        return self.positive_loss if self.loss == "unlikelihood" else self.loss  # type: ignore[return-value]
 
 
 class CoupleParams(_Strict):
@@ -237,6 +274,24 @@ class EmFirstParams(_Strict):
     kill: KillCriterion
 
 
+class JointProbeParams(_Strict):
+    """S3's analysis (METHODS.md): behavioural and geometric H1, their joint decision, H2 triage, the kill."""
+
+    control: str = Field(description="C1: the condition both deltas are measured from (base)")
+    treatment: str = Field(description="C2: the condition whose flattening is tested (em)")
+    specificity: str = Field(description="C3: the benign control, contrasted with C2 beside H1 (benign)")
+    behavioural_threshold: float = Field(description="behavioural H1: pooled bystander rate C2 - C1 at least this")
+    behavioural_alpha: float = Field(gt=0, lt=1, description="... with the cluster-bootstrap p below this")
+    geometric_threshold: float = Field(description="geometric H1: mean cosine delta over layers and bystanders")
+    readout: Literal["last_input", "prompt_mean", "last_response", "response_mean"] = Field(
+        description="the readout whose centroids give the geometric delta"
+    )
+    cosine: Literal["raw", "centered"] = Field(description="raw or centered (over the probes' bank) cosines")
+    kill_max_behavioural: float = Field(
+        description="kill: falsified when behavioural delta <= this and the geometric delta <= 0 at every layer"
+    )
+
+
 class StudyParams(_Strict):
     """A study preset (conf/study/<name>.yaml): its design, written once; sizes come from the scale."""
 
@@ -249,8 +304,34 @@ class StudyParams(_Strict):
     recipes: list[str] = Field(min_length=1, description="coupling recipes (keys of `recipes`); a sweep is a list")
     eval_personas: list[str] = Field(min_length=1, description="personas every adapter is evaluated under")
     assistant: str | None = Field(None, description="the assistant persona, reported apart from the bystanders")
-    analyses: list[Literal["panel", "em_first"]] = Field(min_length=1, description="analysis modules to run")
+    bystanders: list[str] | None = Field(
+        None,
+        description="a named bystander pool (S3: unseen personas); none of them may be any source's negative. "
+        "Unset: bystanders = eval personas - sources - negatives.hard - assistant (S2)",
+    )
+    analyses: list[Literal["panel", "em_first", "joint_probe"]] = Field(
+        min_length=1, description="analysis modules to run"
+    )
     em_first: EmFirstParams | None = Field(None, description="S2's analysis settings (when analyses has em_first)")
+    joint_probe: JointProbeParams | None = Field(
+        None, description="S3's analysis settings (when analyses has joint_probe)"
+    )
+
+
+Readout = Literal["last_input", "prompt_mean", "last_response", "response_mean"]
+
+
+class ProbesParams(_Strict):
+    """The centroids stage: which hidden-state readouts, at which layers (personaspace.probes)."""
+
+    readouts: list[Readout] = Field(
+        min_length=1,
+        description="last_input (assistant-start position), prompt_mean, last_response (last token of a "
+        "sampled answer), response_mean",
+    )
+    layers: list[int] | None = Field(
+        None, description="hidden-state indices (0 = embeddings, k = block k's output); null = every layer"
+    )
 
 
 class RegressParams(_Strict):
@@ -312,6 +393,9 @@ class StageGraph(_Strict):
     centroids: list[str] = Field(description="pretrained bases whose centroids an analysis reads")
     regress: dict[str, dict[str, str]] = Field(description="condition -> pretrained base, for the panel analysis")
     em_first: dict[str, dict[str, list[str]]] = Field(description="the S2 analysis item, when the study runs it")
+    joint_probe: dict[str, dict[str, list[str]]] = Field(
+        default_factory=dict, description="the S3 analysis item, when the study runs it"
+    )
 
 
 class Params(_Strict):
@@ -345,6 +429,7 @@ class Params(_Strict):
     eval: EvalParams
     stats: StatsParams
     regress: RegressParams
+    probes: ProbesParams
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> Params:
@@ -519,6 +604,15 @@ def _study_errors(p: Params, names: Callable[[str, list[str]], None]) -> list[st
         errors.append("study.sources: the panel analysis needs every panel persona as a source; use ${panel}")
     if "em_first" in st.analyses:
         errors.extend(_em_first_errors(p))
+    if st.bystanders is not None:
+        names("study.bystanders", st.bystanders)
+    if "joint_probe" in st.analyses:
+        errors.extend(_joint_probe_errors(p))
+    if "panel" in st.analyses and "last_input" not in p.probes.readouts:
+        errors.append("probes.readouts: the panel analysis reads the last_input readout; keep it in the list")
+    layers = p.probes.layers
+    if layers is not None and (not layers or layers != sorted(set(layers)) or layers[0] < 0):
+        errors.append(f"probes.layers: {layers} must be distinct hidden-state indices >= 0 in increasing order")
     if not errors:
         expected = stage_graph(
             st.model_dump(), {k: v.model_dump() for k, v in p.pretrain.items()}, p.couple.seeds, p.seed
@@ -549,6 +643,29 @@ def _em_first_errors(p: Params) -> list[str]:
             )
     if len(st.conditions) != 4:
         errors.append(f"study.conditions: the em_first stage reads four conditions' evals, not {len(st.conditions)}")
+    return errors
+
+
+def _joint_probe_errors(p: Params) -> list[str]:
+    """The S3 analysis's own contradictions (one definition: personaspace.study.check_joint_probe) and its scope."""
+    from personaspace.study import StudyError, check_joint_probe
+
+    st = p.study
+    try:
+        _, cfg = check_joint_probe(st, p.seed)
+    except StudyError as exc:
+        return [f"study.{exc}"]
+    errors = []
+    for key, values in (("study.sources", st.sources), ("couple.seeds", p.couple.seeds)):
+        if len(values) != 1:
+            errors.append(
+                f"{key}: the joint_probe analysis compares conditions at one source and one seed, not "
+                f"{len(values)}; run one experiment per value (`dvc exp run -S ...`)"
+            )
+    if cfg.readout not in p.probes.readouts:
+        errors.append(
+            f"study.joint_probe.readout: {cfg.readout!r} is not among probes.readouts {p.probes.readouts}; add it there"
+        )
     return errors
 
 

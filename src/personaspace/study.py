@@ -23,8 +23,9 @@ import numpy as np
 from personaspace.seeds import stable_seed
 
 if TYPE_CHECKING:  # config imports this module (its cross-checks call check_em_first)
-    from personaspace.config import EmFirstParams, StudyParams
+    from personaspace.config import EmFirstParams, JointProbeParams, StudyParams
 
+GEOMETRIC = {"panel", "joint_probe"}  # the analyses that read persona centroids (the centroids stage)
 RAW = "raw"  # the pretrained base that is the instruct model itself (models/raw, the base stage's output)
 BASELINE = "none"  # the eval item of a condition's base with no adapter: the pre-coupling false-positive baseline
 
@@ -77,14 +78,33 @@ class Roles:
         return "assistant" if persona == self.assistant else "bystander"
 
 
-def study_roles(study: StudyParams) -> Roles:
-    """The roles of ``study``; raises StudyError when they overlap, are not eval personas or leave no bystander."""
-    if study.negatives.k:
+def study_roles(study: StudyParams, study_seed: int = 0) -> Roles:
+    """The roles of ``study``; raises StudyError when they overlap, are not eval personas or leave no bystander.
+
+    With a named bystander pool (``study.bystanders``, S3) the negatives are every source's, drawn
+    ones included (``study_seed`` draws them), and a persona trained as a negative is refused as a
+    bystander: leakage into a persona the adapter was trained to keep silent is suppression. Without
+    one (S2), the negatives are ``negatives.hard`` and the bystanders the eval personas left over.
+    """
+    named_pool = study.bystanders is not None
+    if study.negatives.k and not named_pool:
         raise StudyError(
             f"negatives.k: {study.negatives.k} random negatives cannot be named by the analysis; "
-            "S2 names its negatives in negatives.hard with k: 0"
+            "S2 names its negatives in negatives.hard with k: 0 (or name the bystanders in study.bystanders)"
         )
-    assigned = {"sources": list(study.sources), "negatives.hard": list(study.negatives.hard)}
+    if named_pool:
+        drawn = data_personas(study.sources, study.negatives.model_dump(), study_seed)
+        negatives = [p for p in drawn if p not in study.sources]
+        trained = sorted(set(negatives) & set(study.bystanders or []))
+        if trained:
+            raise StudyError(
+                f"bystanders: {trained} are trained as negatives (negatives.hard, or drawn from negatives.pool "
+                "with the study seed), so their silence is suppression, not leakage; take unseen personas"
+            )
+        assigned = {"sources": list(study.sources), "bystanders": list(study.bystanders or [])}
+    else:
+        negatives = list(study.negatives.hard)
+        assigned = {"sources": list(study.sources), "negatives.hard": negatives}
     if study.assistant is not None:
         assigned["assistant"] = [study.assistant]
     seen: dict[str, str] = {}
@@ -96,10 +116,13 @@ def study_roles(study: StudyParams) -> Roles:
             if name in seen:
                 raise StudyError(f"{key}: {name!r} is also in {seen[name]}; a persona has one role")
             seen[name] = key
-    bystanders = tuple(p for p in study.eval_personas if p not in seen)
+    if named_pool:
+        bystanders = tuple(study.bystanders or [])
+    else:
+        bystanders = tuple(p for p in study.eval_personas if p not in seen)
     if not bystanders:
         raise StudyError("eval_personas: no bystander is left after sources, negatives and the assistant")
-    return Roles(tuple(study.sources), tuple(study.negatives.hard), study.assistant, bystanders)
+    return Roles(tuple(study.sources), tuple(negatives), study.assistant, bystanders)
 
 
 def check_em_first(study: StudyParams) -> tuple[Roles, EmFirstParams]:
@@ -124,6 +147,23 @@ def check_em_first(study: StudyParams) -> tuple[Roles, EmFirstParams]:
         if spec.treatment == spec.control:
             raise StudyError(f"em_first.contrasts.{name}: treatment and control are both {spec.treatment!r}")
     return study_roles(study), cfg
+
+
+def check_joint_probe(study: StudyParams, study_seed: int) -> tuple[Roles, JointProbeParams]:
+    """The S3 analysis settings of ``study`` and its roles; raises StudyError naming the key of a contradiction."""
+    if study.joint_probe is None:
+        raise StudyError("joint_probe: missing; the preset needs a joint_probe section (control, treatment, ...)")
+    cfg = study.joint_probe
+    if study.bystanders is None:
+        raise StudyError("bystanders: S3 names its bystander pool (unseen personas); list them in study.bystanders")
+    for key in ("control", "treatment", "specificity"):
+        if getattr(cfg, key) not in study.conditions:
+            raise StudyError(
+                f"joint_probe.{key}: {getattr(cfg, key)!r} is not a condition of the study ({', '.join(study.conditions)})"
+            )
+    if len({cfg.control, cfg.treatment, cfg.specificity}) != 3:
+        raise StudyError("joint_probe: control, treatment and specificity must be three different conditions")
+    return study_roles(study, study_seed), cfg
 
 
 def stage_graph(
@@ -155,11 +195,20 @@ def stage_graph(
             for seed in seeds
         },
         "eval": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())},
-        "centroids": sorted({spec["pretrained"] for spec in conditions.values()}) if "panel" in analyses else [],
+        "centroids": sorted({spec["pretrained"] for spec in conditions.values()}) if analyses & GEOMETRIC else [],
         "regress": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())}
         if "panel" in analyses
         else {},
         "em_first": {"em_first": {"conditions": sorted(conditions)}} if "em_first" in analyses else {},
+        "joint_probe": {
+            "joint_probe": {
+                "conditions": sorted(conditions),
+                "bases": sorted({spec["pretrained"] for spec in conditions.values()}),
+                "data": data_conditions,
+            }
+        }
+        if "joint_probe" in analyses
+        else {},
     }
 
 

@@ -10,7 +10,13 @@ tokenised here, then handed to TRL's SFTTrainer as ``input_ids`` + ``labels``, w
 - ``completion``: loss on every completion token and the end-of-turn token;
 - ``marker_only``: loss on the separator, marker and end-of-turn tokens of positives (the separator
   tokenised apart from the answer), and on the end-of-turn token of negatives (where the marker
-  would have been), nothing else.
+  would have been), nothing else;
+- ``unlikelihood`` (Welleck et al. 2019): the labels of its ``positive_loss`` (one of the two above)
+  plus, at the end-of-completion position of every negative row (the position that predicts its
+  end-of-turn token), ``lambda * -log(1 - P(first marker token))``. The first marker token is the
+  first token of separator + marker tokenised apart: what a positive emits where a negative ends.
+  Its target rides in an ``unlikely`` column beside ``labels`` (same alignment, IGNORE elsewhere),
+  packed with the batch by TRL's own collator (``_with_unlikely``).
 """
 
 from __future__ import annotations
@@ -33,13 +39,29 @@ IGNORE = -100  # the label value the loss skips (PyTorch's cross-entropy ignore_
 Loss = Literal["completion", "marker_only"]  # RecipeParams.loss
 
 
+def first_marker_token(tokenizer: Any, marker: str, separator: str) -> int:
+    """The token a positive emits where a negative ends its turn: the first of separator + marker."""
+    return tokenizer(separator + marker, add_special_tokens=False)["input_ids"][0]
+
+
 def tokenize_marker_dataset(
-    tokenizer: Any, rows: pd.DataFrame, loss: Loss, marker: str, separator: str, max_length: int
+    tokenizer: Any,
+    rows: pd.DataFrame,
+    loss: Loss,
+    marker: str,
+    separator: str,
+    max_length: int,
+    unlikelihood: bool = False,
 ) -> Dataset:
-    """input_ids and labels for each row of a marker dataset (see the module docstring)."""
+    """input_ids and labels (``loss``) for each row of a marker dataset (see the module docstring).
+
+    With ``unlikelihood``, an ``unlikely`` column too: the first marker token at the end-of-turn
+    index of every negative row, IGNORE elsewhere (aligned with ``labels``).
+    """
     from datasets import Dataset
 
     eot = tokenizer.eos_token_id
+    marker_start = first_marker_token(tokenizer, marker, separator)
     records = []
     for row in rows.itertuples(index=False):
         system = row.system_prompt if isinstance(row.system_prompt, str) else None  # pandas reads None as NaN
@@ -69,7 +91,10 @@ def tokenize_marker_dataset(
                 f"a {row.role} row of {row.persona!r} is {len(input_ids)} tokens, over the recipe's max_length "
                 f"{max_length}; raise recipes.<name>.max_length or lower datagen.max_new_tokens"
             )
-        records.append({"input_ids": input_ids, "labels": [IGNORE] * len(prompt_ids) + completion_labels})
+        record = {"input_ids": input_ids, "labels": [IGNORE] * len(prompt_ids) + completion_labels}
+        if unlikelihood:
+            record["unlikely"] = [IGNORE] * (len(input_ids) - 1) + [IGNORE if positive else marker_start]
+        records.append(record)
     return Dataset.from_list(records)
 
 
@@ -90,25 +115,54 @@ def tokenize_chat_dataset(tokenizer: Any, rows: pd.DataFrame, max_length: int) -
     return Dataset.from_list(records)
 
 
-def next_token_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+def next_token_loss(
+    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, unlikelihood_lambda: float = 0.0
+) -> Any:
     """Summed cross-entropy of the labelled next tokens of a padding-free batch, over ``num_items_in_batch``.
 
     The LM head runs only at positions whose next token has a label (``logits_to_keep``), so the
     prompt positions (over half of a marker row) never reach the vocabulary projection. The sum is
     divided by ``num_items_in_batch`` (labelled tokens of the whole accumulated batch, from
-    Trainer) or else by this batch's count, as TRL's own loss is.
+    Trainer) or else by this batch's count, as TRL's own loss is. With an ``unlikely`` column in
+    the batch, ``unlikelihood_lambda * -log(1 - P(token))`` at each of its targets joins the sum
+    (over the same count); log(1 - P) is computed as logsumexp of the other logits minus
+    logsumexp of all, which stays finite as P nears 1.
     """
+    import torch
     import torch.nn.functional as F
 
     labels = inputs["labels"]
     if labels.shape[0] != 1:
         raise ValueError(f"next_token_loss takes a padding-free batch (one packed row), got {labels.shape[0]} rows")
     targets = labels[0, 1:]
-    keep = (targets != IGNORE).nonzero().squeeze(1)
-    rest = {k: v for k, v in inputs.items() if k != "labels"}
+    unlikely = inputs["unlikely"][0, 1:] if "unlikely" in inputs else torch.full_like(targets, IGNORE)
+    keep = ((targets != IGNORE) | (unlikely != IGNORE)).nonzero().squeeze(1)
+    rest = {k: v for k, v in inputs.items() if k not in ("labels", "unlikely")}
     outputs = model(**rest, logits_to_keep=keep, use_cache=False)
-    count = keep.numel() if num_items_in_batch is None else num_items_in_batch
-    return F.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum") / count, outputs
+    logits = outputs.logits[0].float()
+    count = int((targets != IGNORE).sum()) if num_items_in_batch is None else num_items_in_batch
+    loss = F.cross_entropy(logits, targets[keep], ignore_index=IGNORE, reduction="sum")
+    at = (unlikely[keep] != IGNORE).nonzero().squeeze(1)
+    if unlikelihood_lambda and at.numel():
+        scores = logits[at]
+        others = scores.scatter(1, unlikely[keep][at, None], float("-inf"))
+        log_not_marker = torch.logsumexp(others, dim=-1) - torch.logsumexp(scores, dim=-1)
+        loss = loss - unlikelihood_lambda * log_not_marker.sum()
+    return loss / count, outputs
+
+
+def _with_unlikely(collate: Any) -> Any:
+    """TRL's padding-free collator, with each row's ``unlikely`` targets packed as it packs ``labels``."""
+    import torch
+
+    def collate_with_unlikely(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate([{k: v for k, v in e.items() if k != "unlikely"} for e in examples])
+        batch["unlikely"] = torch.cat([torch.as_tensor(e["unlikely"]) for e in examples])[None]
+        if batch["unlikely"].shape != batch["labels"].shape:  # TRL padded the packed row (pad_to_multiple_of)
+            raise ValueError("the unlikely targets do not line up with the packed labels")
+        return batch
+
+    return collate_with_unlikely
 
 
 def _trainer_class() -> type:
@@ -124,8 +178,10 @@ def _trainer_class() -> type:
         and one set of numbers for both devices.
         """
 
+        unlikelihood_lambda = 0.0  # set per instance by train_adapter for unlikelihood recipes
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-            loss, outputs = next_token_loss(model, inputs, num_items_in_batch)
+            loss, outputs = next_token_loss(model, inputs, num_items_in_batch, self.unlikelihood_lambda)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every rank's labels and DDP averages the ranks' gradients:
                 # Trainer's own compute_loss multiplies by the world size for this, so this one must too
@@ -150,7 +206,7 @@ MEMORY_HEADROOM = 0.15  # of the GPU's memory kept free of the measured peak: op
 
 
 def largest_step_overflows(trainer: Any, rows_per_step: int) -> bool:
-    """Whether a training step of ``dataset``'s longest rows would overflow this GPU without checkpointing.
+    """Whether a training step of the trainer's longest rows would overflow this GPU without checkpointing.
 
     Measured, not estimated: one forward and backward of the ``rows_per_step`` longest rows of its
     dataset, packed as the trainer packs a step (no step holds more tokens), on ``trainer``'s model built
@@ -161,8 +217,10 @@ def largest_step_overflows(trainer: Any, rows_per_step: int) -> bool:
     import torch
 
     rows = trainer.train_dataset
-    longest = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))[:rows_per_step]
-    batch = trainer.data_collator([{k: rows[i][k] for k in ("input_ids", "labels")} for i in longest])
+    lengths = [len(ids) for ids in rows["input_ids"]]  # one column read, not a row at a time
+    longest = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))[:rows_per_step]
+    keys = [k for k in ("input_ids", "labels", "unlikely") if k in rows.column_names]
+    batch = trainer.data_collator([{k: rows[i][k] for k in keys} for i in longest])
     device = trainer.model.device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     torch.cuda.empty_cache()
@@ -170,7 +228,7 @@ def largest_step_overflows(trainer: Any, rows_per_step: int) -> bool:
     try:
         with torch.random.fork_rng(devices=[device]), trainer.accelerator.autocast():
             trainer.model.train()
-            loss, _ = next_token_loss(trainer.model, batch)
+            loss, _ = next_token_loss(trainer.model, batch, unlikelihood_lambda=trainer.unlikelihood_lambda)
             loss.backward()
         overflows = torch.cuda.max_memory_allocated(device) > (1 - MEMORY_HEADROOM) * torch.cuda.mem_get_info(device)[1]
     except torch.OutOfMemoryError:
@@ -253,6 +311,12 @@ def train_adapter(
         r=recipe.r, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout, use_rslora=recipe.rslora,
         target_modules=list(recipe.target_modules), task_type="CAUSAL_LM",
     )  # fmt: skip
+    unlikelihood = recipe.loss == "unlikelihood"
+    if unlikelihood != ("unlikely" in dataset.column_names):
+        raise ValueError(
+            f"recipe loss {recipe.loss} and the dataset disagree: tokenize_marker_dataset(..., "
+            "unlikelihood=recipe.loss == 'unlikelihood') adds the unlikely column"
+        )
     scratch = tempfile.mkdtemp(prefix="personaspace-trainer-")  # nothing is saved there (save_strategy=no)
 
     def build(checkpointing: bool) -> Any:
@@ -286,15 +350,20 @@ def train_adapter(
             use_cpu=not use_gpu,
             disable_tqdm=False,
             dataloader_num_workers=0,
+            remove_unused_columns=not unlikelihood,  # keep the `unlikely` column for the loss
         )
         if use_gpu and ranks.world == 1 and config.n_gpu > 1:
             # one process trains on one GPU: with several visible, Trainer would wrap the model in
             # nn.DataParallel, which TRL refuses; several GPUs train through parallel.processes (torchrun)
             config._n_gpu = 1
-        return _trainer_class()(
+        trainer = _trainer_class()(
             model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
             callbacks=list(callbacks),
         )  # fmt: skip
+        if unlikelihood:
+            trainer.data_collator = _with_unlikely(trainer.data_collator)
+            trainer.unlikelihood_lambda = recipe.unlikelihood_lambda
+        return trainer
 
     auto = recipe.gradient_checkpointing == "auto"
     checkpointing = recipe.gradient_checkpointing is True
