@@ -116,10 +116,8 @@ def study_roles(study: StudyParams, study_seed: int = 0) -> Roles:
             if name in seen:
                 raise StudyError(f"{key}: {name!r} is also in {seen[name]}; a persona has one role")
             seen[name] = key
-    if named_pool:
-        bystanders = tuple(study.bystanders or [])
-    else:
-        bystanders = tuple(p for p in study.eval_personas if p not in seen)
+    left = tuple(p for p in study.eval_personas if p not in seen)
+    bystanders = tuple(study.bystanders or []) if named_pool else left
     if not bystanders:
         raise StudyError("eval_personas: no bystander is left after sources, negatives and the assistant")
     return Roles(tuple(study.sources), tuple(negatives), study.assistant, bystanders)
