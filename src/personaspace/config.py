@@ -174,7 +174,9 @@ class RecipeParams(_Strict):
     def _unlikelihood_fields(self) -> RecipeParams:
         unlikelihood = self.loss == "unlikelihood"
         if unlikelihood and (self.positive_loss is None or self.unlikelihood_lambda is None):
-            raise ValueError("loss unlikelihood needs positive_loss (completion or marker_only) and unlikelihood_lambda")
+            raise ValueError(
+                "loss unlikelihood needs positive_loss (completion or marker_only) and unlikelihood_lambda"
+            )
         if not unlikelihood and (self.positive_loss is not None or self.unlikelihood_lambda is not None):
             raise ValueError(f"positive_loss and unlikelihood_lambda belong to loss unlikelihood, not {self.loss}")
         return self
