@@ -1,11 +1,13 @@
 """Stage `markers`: one marker dataset per source of the study, from one data condition's completions.
 
     python stages/markers.py --condition base --completions data/completions/base \
-        --out data/markers/base --metrics metrics/markers_base.json
+        --out data/markers/base --metrics metrics/markers_base.json --tokenizer models/raw
 
 Each source's file depends only on its own completions and its negatives' (named, or drawn from a
 fixed pool), so files of existing sources are byte-identical when the panel grows. Every condition
-whose data_from is this one (C1 and C2' for `base`) trains on these files.
+whose data_from is this one (C1 and C2' for `base`) trains on these files. With
+`datagen.length_matching`, each source's positives and negatives are length-matched and the
+metrics hold their token-length distributions before and after (personaspace.length_matching).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 from personaspace.config import load_params
 from personaspace.io import atomic_path, write_json
 from personaspace.marker_datasets import MarkerDatasetSpec, build_marker_dataset
+from personaspace.models import load_tokenizer
 from personaspace.study import data_personas
 from personaspace.tracking import stage_run
 
@@ -29,9 +32,16 @@ def main() -> None:
     parser.add_argument("--completions", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True, help="counts tokens of cut texts (length matching)")
     args = parser.parse_args()
     params = load_params(args.params)
     dg = params.datagen
+    count_tokens = None
+    if dg.length_matching.method == "truncate":
+        tokenizer = load_tokenizer(args.tokenizer)
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
     spec = MarkerDatasetSpec(
         positives=dg.positives,
         negatives_per_persona=dg.negatives_per_persona,
@@ -42,6 +52,9 @@ def main() -> None:
         marker=params.marker,
         separator=params.marker_separator,
         study_seed=params.seed,
+        length_matching=dg.length_matching.method,
+        length_tolerance=dg.length_matching.tolerance,
+        count_tokens=count_tokens,
     )
     sources = params.study.sources
     needed = data_personas(sources, params.study.negatives.model_dump(), params.seed)
