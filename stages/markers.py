@@ -42,6 +42,7 @@ def main() -> None:
 
         def count_tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     spec = MarkerDatasetSpec(
         positives=dg.positives,
         negatives_per_persona=dg.negatives_per_persona,

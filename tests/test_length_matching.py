@@ -26,7 +26,9 @@ def _answer(sentences: int, words_each: int, tag: str) -> str:
 def test_summary_and_mismatch_are_numpy_quantiles_and_ratios():
     s = length_summary([1, 2, 3, 4, 100])
     assert (s["median"], s["q1"], s["q3"], s["iqr"]) == (3.0, 2.0, 4.0, 2.0)
-    assert mismatch({"median": 10.0, "iqr": 4.0}, {"median": 12.0, "iqr": 2.0}) == pytest.approx({"median": 0.2, "iqr": 0.5})
+    assert mismatch({"median": 10.0, "iqr": 4.0}, {"median": 12.0, "iqr": 2.0}) == pytest.approx(
+        {"median": 0.2, "iqr": 0.5}
+    )
 
 
 def test_a_cut_answer_ends_on_a_sentence_end_and_is_the_longest_that_fits():

@@ -80,7 +80,7 @@ def truncate_longer_side(
     order = np.lexsort((np.arange(len(long)), long["n_tokens"].to_numpy()))  # stable rank by length
     targets = np.empty(len(long))
     targets[order] = _quantile_targets(short["n_tokens"].to_numpy(), len(long))
-    texts = [truncate_to(text, int(round(t)), count) for text, t in zip(long["text"], targets, strict=True)]
+    texts = [truncate_to(text, round(float(t)), count) for text, t in zip(long["text"], targets, strict=True)]
     cut = long.assign(text=texts, n_tokens=[count(t) for t in texts])
     rows_cut = int((cut["text"] != long["text"]).sum())
     info = {"side_cut": longer, "rows_cut": rows_cut}

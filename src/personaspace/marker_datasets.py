@@ -150,7 +150,9 @@ def _match_lengths(
         pooled = pd.concat([drawn[n].assign(_persona=n) for n in negatives], ignore_index=True)
         positives, pooled, info = truncate_longer_side(drawn[source], pooled, spec.count_tokens)  # type: ignore[arg-type]
         matched = {source: positives}
-        matched |= {n: pooled[pooled["_persona"] == n].drop(columns="_persona").reset_index(drop=True) for n in negatives}
+        matched |= {
+            n: pooled[pooled["_persona"] == n].drop(columns="_persona").reset_index(drop=True) for n in negatives
+        }
     after = distributions(matched)
     report = {
         "method": spec.length_matching,
