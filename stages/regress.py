@@ -47,6 +47,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     rates = pd.read_parquet(args.eval / "rates.parquet")
     cosines = pd.read_parquet(args.centroids / "cosines.parquet")
+    cosines = cosines[cosines["readout"] == "last_input"].drop(columns="readout")  # S1's readout
     reference = params.stats.reference_persona
     table = regression_table(cosines, rates, load_catalog(), tokenizer, params.panel, reference)
     settings = settings_from_params(

@@ -100,3 +100,41 @@ def test_a_layer_where_every_centroid_is_the_same_has_undefined_centered_cosines
     assert table.loc[table.layer == 0, "cosine_centered"].isna().all()
     assert table.loc[table.layer == 1, "cosine_centered"].notna().all()
     assert table.loc[table.layer == 0, "cosine_raw"].notna().all()
+
+
+def test_each_readout_equals_a_hand_run_forward_at_its_positions(tiny):
+    from personaspace.probes import readout_states
+
+    model, tokenizer = tiny
+    prompts = [render_prompt(tokenizer, "You are a librarian.", "Hi"), render_prompt(tokenizer, None, "Why now?")]
+    responses = ["Books are on the second floor.", ""]  # the second: end-of-turn sampled first
+    layers = [0, 2]
+    got = readout_states(model, tokenizer, prompts, responses, ["last_input", "prompt_mean", "last_response",
+                         "response_mean"], layers, batch_size=2)  # fmt: skip
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(response, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():  # one unpadded sequence, no batching: the positions by hand
+            hs = model(input_ids=torch.tensor([p + a]), output_hidden_states=True).hidden_states
+        for j, layer in enumerate(layers):
+            h = hs[layer][0].numpy()
+            np.testing.assert_allclose(got["last_input"][i, j], h[len(p) - 1], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(got["prompt_mean"][i, j], h[: len(p)].mean(0), rtol=1e-5, atol=1e-4)
+            if a:
+                np.testing.assert_allclose(got["last_response"][i, j], h[-1], rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(got["response_mean"][i, j], h[len(p) :].mean(0), rtol=1e-5, atol=1e-4)
+            else:  # an empty answer reads the last prompt token
+                np.testing.assert_allclose(got["last_response"][i, j], h[len(p) - 1], rtol=1e-5, atol=1e-4)
+    assert got["last_response"].shape == (2, 2, model.config.hidden_size)
+    one_by_one = readout_states(model, tokenizer, prompts, responses, ["last_response"], layers, batch_size=1)
+    np.testing.assert_allclose(one_by_one["last_response"], got["last_response"], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="one sampled answer per prompt"):
+        readout_states(model, tokenizer, prompts, None, ["response_mean"], layers, batch_size=2)
+    with pytest.raises(ValueError, match="unknown readouts"):
+        readout_states(model, tokenizer, prompts, responses, ["mean"], layers, batch_size=2)
+
+
+def test_cosine_tables_label_layers_by_their_hidden_state_index():
+    rng = np.random.default_rng(0)
+    table = cosine_table(["a", "b", "c"], rng.normal(size=(3, 2, 4)), ["a", "b", "c"], "bank", layers=[6, 10])
+    assert sorted(table["layer"].unique()) == [6, 10]
