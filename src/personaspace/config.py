@@ -664,6 +664,10 @@ def _joint_probe_errors(p: Params) -> list[str]:
                 f"{key}: the joint_probe analysis compares conditions at one source and one seed, not "
                 f"{len(values)}; run one experiment per value (`dvc exp run -S ...`)"
             )
+    if len(st.conditions) != 3:
+        errors.append(
+            f"study.conditions: the joint_probe stage reads three conditions (C1, C2, C3), not {len(st.conditions)}"
+        )
     if cfg.readout not in p.probes.readouts:
         errors.append(
             f"study.joint_probe.readout: {cfg.readout!r} is not among probes.readouts {p.probes.readouts}; add it there"

@@ -200,3 +200,40 @@ def em_first_figures(tables: dict[str, pd.DataFrame], folder: Path) -> list[Path
     if "completion_length" in tables:
         paths += completion_lengths(tables["completion_length"], folder / "completion_length")
     return paths
+
+
+def geometric_by_layer(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """S3's geometric delta per layer with its bootstrap interval (0 marked)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    err = [table["delta"] - table["ci_low"], table["ci_high"] - table["delta"]]
+    ax.errorbar(table["layer"], table["delta"], yerr=err, fmt="o-", capsize=3)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("layer (hidden-state index)")
+    ax.set_ylabel("cosine delta, C2 base - C1 base")
+    ax.set_title("Source-bystander cosine change by layer")
+    return _save(fig, stem)
+
+
+def rates_by_condition_and_recipe(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """Bystander pool rate per condition, one group of bars per recipe, Wilson intervals."""
+    recipes, conditions = list(dict.fromkeys(table["recipe"])), list(dict.fromkeys(table["condition"]))
+    width = 0.8 / len(conditions)
+    fig, ax = plt.subplots(figsize=(1.6 * len(recipes) + 2.5, 3.5))
+    for i, condition in enumerate(conditions):
+        part = table[table["condition"] == condition].set_index("recipe").reindex(recipes)
+        x = np.arange(len(recipes)) + (i - (len(conditions) - 1) / 2) * width
+        err = [part["rate"] - part["ci_low"], part["ci_high"] - part["rate"]]
+        ax.bar(x, part["rate"], width, yerr=err, capsize=2, label=condition)
+    ax.set_xticks(range(len(recipes)), recipes)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("bystander fire rate")
+    ax.legend(title="condition")
+    ax.set_title("Bystander leakage per condition and recipe")
+    return _save(fig, stem)
+
+
+def joint_probe_figures(tables: dict[str, pd.DataFrame], folder: Path) -> list[Path]:
+    """S3's figures from ``analyze_joint_probe``'s plot tables (the stage and `personaspace analyze` share it)."""
+    folder = Path(folder)
+    paths = geometric_by_layer(tables["geometric_by_layer"], folder / "geometric_by_layer")
+    return paths + rates_by_condition_and_recipe(tables["bystander_rates"], folder / "bystander_rates")

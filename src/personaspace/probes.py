@@ -72,7 +72,9 @@ def span_states(
             width = max(len(r) for r in rows)
             ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
+            hidden = model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1
+            ).hidden_states
             keep = range(len(hidden)) if layers is None else layers
             weights = torch.zeros(len(rows), width, device=model.device)
             last_at = []
@@ -125,7 +127,11 @@ def readout_states(
             raise ValueError("the response readouts need one sampled answer per prompt")
         answer_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
         sequences = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
-        spans = [(len(p), len(p) + len(a)) if a else (len(p) - 1, len(p)) for p, a in zip(prompt_ids, answer_ids)]
+        # an empty answer has no token of its own: it reads the last prompt token
+        spans = [
+            (len(p), len(s)) if len(s) > len(p) else (len(p) - 1, len(p))
+            for p, s in zip(prompt_ids, sequences, strict=True)
+        ]
         states["last_response"], states["response_mean"] = span_states(
             model, sequences, spans, layers, batch_size, pad, ranks
         )

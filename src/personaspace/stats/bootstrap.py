@@ -18,9 +18,14 @@ from scipy import stats
 
 
 def cluster_sums(completions: pd.DataFrame, clusters: Sequence[str], by: str | None = None) -> pd.DataFrame:
-    """Per cluster (and per ``by`` value): fired = number of completions that fired, n = completions."""
+    """Per cluster (and per ``by`` value): fired = number of completions that fired, n = completions.
+
+    ``completions`` is one row per completion (``fired`` a bool), or a count table (``fired`` and
+    ``n`` per row), whose counts are summed.
+    """
     keys = [*clusters] + ([by] if by else [])
-    sums = completions.groupby(keys, observed=True, sort=True)["fired"].agg(fired="sum", n="size")
+    groups = completions.groupby(keys, observed=True, sort=True)
+    sums = groups[["fired", "n"]].sum() if "n" in completions else groups["fired"].agg(fired="sum", n="size")
     return sums.reset_index()
 
 

@@ -1,0 +1,148 @@
+"""S3 (joint probe) analysis: each H2 bucket and the kill on constructed tables, the geometric delta
+against an independent computation, and the `analyze` CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from personaspace.analyses.em_first import TableError
+from personaspace.analyses.joint_probe import BaseStates, analyze_joint_probe, decide
+from personaspace.config import StatsParams, StudyParams
+from personaspace.probes import centroids, cosine_table
+from personaspace.study import StudyError, study_roles
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTIONS = [f"e{i:02d}" for i in range(20)]
+LAYERS = [3, 5]
+RESAMPLES = 2000  # p reaches 2/2001 < 0.001
+
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def study() -> StudyParams:
+    raw = yaml.safe_load((REPO / "conf/study/joint_probe.yaml").read_text())
+    raw["negatives"]["pool"] = PARAMS["panels"]["n12"]  # the preset's ${panels.n12}
+    raw["recipes"] = ["ul_a"]
+    return StudyParams.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def stats() -> StatsParams:
+    return StatsParams.model_validate(PARAMS["stats"] | {"bootstrap_resamples": RESAMPLES})
+
+
+def _counts(study: StudyParams, rates: dict[str, float], k: int = 10) -> pd.DataFrame:
+    """Fires per (condition, persona, question) cell around each condition's bystander rate (not degenerate)."""
+    rows = []
+    for condition, rate in rates.items():
+        for p_i, persona in enumerate(study.eval_personas):
+            for q_i, question in enumerate(QUESTIONS):
+                wobble = (1, -1, 0, 0)[(p_i + q_i) % 4]
+                fired = min(k, max(0, round(rate * k) + wobble))
+                rows.append({"condition": condition, "recipe": "ul_a", "persona": persona, "question_id": question,
+                             "fired": fired, "n": k, "truncated": 0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _states(study: StudyParams, shift: float, seed: int) -> BaseStates:
+    """Per-question readouts: each persona its own direction plus noise; ``shift`` pulls bystanders toward the source."""
+    rng = np.random.default_rng(seed)
+    hidden = 12
+    axes = {p: np.eye(hidden)[i] for i, p in enumerate(study.eval_personas)}
+    rows, personas, questions = [], [], []
+    for persona in study.eval_personas:
+        centre = axes[persona] + (shift * axes["librarian"] if persona != "librarian" else 0)
+        for question in QUESTIONS:
+            noise = rng.normal(scale=0.05, size=(len(LAYERS), hidden))
+            rows.append(centre + noise)
+            personas.append(persona)
+            questions.append(question)
+    return BaseStates(np.asarray(rows), personas, questions, LAYERS)
+
+
+def _analyse(study, stats, rates, shifts):
+    counts = _counts(study, rates)
+    states = {"raw": _states(study, shifts[0], 1), "em": _states(study, shifts[1], 2), "benign": _states(study, 0, 3)}
+    return analyze_joint_probe(counts, None, states, study, stats, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("rates", "shifts", "bucket", "kill"),
+    [
+        ({"base": 0.1, "em": 0.5, "benign": 0.1}, (0.0, 0.6), "flattening_supported", "not_falsified"),
+        ({"base": 0.1, "em": 0.1, "benign": 0.1}, (0.0, 0.6), "recipe_bottleneck", "not_falsified"),
+        ({"base": 0.1, "em": 0.5, "benign": 0.1}, (0.6, 0.0), "sft_recipe_driven", "not_falsified"),
+        ({"base": 0.3, "em": 0.3, "benign": 0.1}, (0.6, 0.0), "not_supported", "falsified"),
+        ({"base": 0.1, "em": 0.2, "benign": 0.1}, (0.6, 0.0), "not_supported", "not_falsified"),
+    ],
+)
+def test_each_h2_bucket_and_the_kill_on_constructed_tables(study, stats, rates, shifts, bucket, kill):
+    metrics, tables = _analyse(study, stats, rates, shifts)
+    recipe = metrics["recipes"]["ul_a"]
+    assert (recipe["decision"], recipe["kill"]) == (bucket, kill)
+    assert recipe["h1_joint"] == (bucket == "flattening_supported")
+    h1 = recipe["h1"]
+    assert h1["delta"] == pytest.approx(rates["em"] - rates["base"], abs=0.01)
+    if bucket in ("flattening_supported", "sft_recipe_driven"):
+        assert h1["p"] < 0.001 and h1["ci_low"] > 0.15
+    assert set(tables) == {"bystander_rates", "geometric_by_layer"}
+    assert list(tables["geometric_by_layer"]["layer"]) == LAYERS
+
+
+def test_the_geometric_delta_equals_centroid_cosines_computed_directly(study, stats):
+    metrics, _ = _analyse(study, stats, {"base": 0.1, "em": 0.5, "benign": 0.1}, (0.1, 0.6))
+    states = {"raw": _states(study, 0.1, 1), "em": _states(study, 0.6, 2)}
+    roles = study_roles(study, 0)
+    by_layer = []
+    for row, layer in enumerate(LAYERS):  # probes.cosine_table: the centroids stage's own cosines
+        cos = {}
+        for base, s in states.items():
+            order, cents = centroids(s.values, list(s.personas))
+            table = cosine_table(order, cents, order, "bank", LAYERS)
+            part = table[(table.layer == layer) & (table.persona_a == "librarian")
+                         & table.persona_b.isin(roles.bystanders)]  # fmt: skip
+            cos[base] = part.set_index("persona_b")["cosine_centered"]
+        by_layer.append(float((cos["em"] - cos["raw"]).mean()))
+        assert metrics["geometric"]["h1"]["by_layer"][row]["delta"] == pytest.approx(by_layer[-1], abs=1e-9)
+    assert metrics["geometric"]["h1"]["delta"] == pytest.approx(np.mean(by_layer), abs=1e-9)
+    geo = metrics["geometric"]["h1"]
+    assert geo["ci_low"] < geo["delta"] < geo["ci_high"] and geo["passes"]
+
+
+def test_the_kill_needs_every_layer_at_or_below_zero():
+    cfg = type("Cfg", (), {"kill_max_behavioural": 0.05})()
+    geo = {"passes": False, "by_layer": [{"delta": -0.1}, {"delta": 0.01}]}
+    assert decide({"passes": False, "delta": 0.0}, geo, cfg)["kill"] == "not_falsified"
+    geo["by_layer"][1]["delta"] = 0.0
+    assert decide({"passes": False, "delta": 0.0}, geo, cfg)["kill"] == "falsified"
+    assert decide({"passes": False, "delta": 0.06}, geo, cfg)["kill"] == "not_falsified"
+
+
+def test_a_trained_negative_is_refused_as_a_bystander(study):
+    raw = study.model_dump() | {"bystanders": ["chef", "villain"], "eval_personas": ["librarian", "chef", "villain"]}
+    with pytest.raises(StudyError, match=r"bystanders: \['villain'\] are trained as negatives"):
+        study_roles(StudyParams.model_validate(raw), 0)
+    drawn = [p for p in study_roles(study, 0).negatives if p not in study.negatives.hard]
+    raw = study.model_dump() | {"bystanders": drawn, "eval_personas": ["librarian", *drawn]}
+    with pytest.raises(StudyError, match="drawn from negatives.pool"):  # the seeded draw counts too
+        study_roles(StudyParams.model_validate(raw), 0)
+
+
+def test_bad_tables_are_refused_naming_the_problem(study, stats):
+    counts = _counts(study, {"base": 0.1, "em": 0.1, "benign": 0.1})
+    states = {"raw": _states(study, 0, 1), "em": _states(study, 0, 2), "benign": _states(study, 0, 3)}
+    with pytest.raises(TableError, match="missing columns"):
+        analyze_joint_probe(counts.drop(columns="recipe"), None, states, study, stats, 0)
+    bad = counts.copy()
+    bad.loc[0, "fired"] = 11
+    with pytest.raises(TableError, match="fired=11"):
+        analyze_joint_probe(bad, None, states, study, stats, 0)
+    with pytest.raises(TableError, match=r"no readouts of the bases \['benign'\]"):
+        analyze_joint_probe(counts, None, {k: v for k, v in states.items() if k != "benign"}, study, stats, 0)
