@@ -131,7 +131,7 @@ def test_a_trained_negative_is_refused_as_a_bystander(study):
         study_roles(StudyParams.model_validate(raw), 0)
     drawn = [p for p in study_roles(study, 0).negatives if p not in study.negatives.hard]
     raw = study.model_dump() | {"bystanders": drawn, "eval_personas": ["librarian", *drawn]}
-    with pytest.raises(StudyError, match="drawn from negatives.pool"):  # the seeded draw counts too
+    with pytest.raises(StudyError, match=r"drawn from negatives\.pool"):  # the seeded draw counts too
         study_roles(StudyParams.model_validate(raw), 0)
 
 
