@@ -17,22 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from personaspace import plots
-from personaspace.analyses.joint_probe import BaseStates, analyze_joint_probe, counts_from_completions, summary_line
+from personaspace.analyses.joint_probe import analyze_joint_probe, counts_from_completions, load_states, summary_line
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path, write_json
 from personaspace.tracking import log_to_parent, stage_run
-
-
-def load_states(folder: Path, readout: str) -> BaseStates:
-    """One base's per-question readouts of ``readout`` from the centroids stage's `states.npz`."""
-    with np.load(folder / "states.npz") as data:
-        if readout not in data:
-            raise ParamsError(f"{folder}/states.npz has no {readout!r} readout; add it to probes.readouts")
-        return BaseStates(data[readout], list(data["persona"]), list(data["question_id"]), data["layers"].tolist())
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
         raise ParamsError(f"no stage output in {missing}; run `dvc repro eval centroids` first")
     completions = pd.concat([pd.read_parquet(folder / "completions.parquet") for folder in args.evals])
     counts, baseline = counts_from_completions(completions)
-    states = {folder.name: load_states(folder, study.joint_probe.readout) for folder in args.centroids}
+    states = {folder.name: load_states(folder / "states.npz", study.joint_probe.readout) for folder in args.centroids}
     trained = pd.concat([pd.read_parquet(path) for folder in args.markers for path in sorted(folder.glob("*.parquet"))])
     longest = int(trained["n_tokens"].max())
     rule = {

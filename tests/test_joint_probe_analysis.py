@@ -146,3 +146,27 @@ def test_bad_tables_are_refused_naming_the_problem(study, stats):
         analyze_joint_probe(bad, None, states, study, stats, 0)
     with pytest.raises(TableError, match=r"no readouts of the bases \['benign'\]"):
         analyze_joint_probe(counts, None, {k: v for k, v in states.items() if k != "benign"}, study, stats, 0)
+
+
+def test_the_analyze_cli_reads_a_count_table_and_states_files(study, tmp_path, capsys):
+    import json
+
+    from personaspace.cli import main
+
+    _counts(study, {"base": 0.1, "em": 0.5, "benign": 0.1}).to_csv(tmp_path / "counts.csv", index=False)
+    files = []
+    for base, shift, seed in (("raw", 0.0, 1), ("em", 0.6, 2), ("benign", 0.0, 3)):
+        s = _states(study, shift, seed)
+        np.savez(tmp_path / f"{base}.npz", last_response=s.values, persona=np.array(s.personas),
+                 question_id=np.array(s.question_ids), layers=np.array(LAYERS))  # fmt: skip
+        files.append(f"{base}={tmp_path / f'{base}.npz'}")
+    args = ["analyze", "joint_probe", "--table", str(tmp_path / "counts.csv"), "--params", str(REPO / "params.yaml"),
+            "--study", str(REPO / "conf/study/joint_probe.yaml")]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "out"), "--states", *files]) == 0
+    assert "flattening_supported" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert metrics["recipes"]["ul_a"]["decision"] == "flattening_supported"
+    assert (tmp_path / "out/geometric_by_layer.png").is_file()
+    assert main([*args, "--out", str(tmp_path / "again"), "--states", files[0]]) == 2  # em and benign missing
+    assert "no readouts of the bases" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()

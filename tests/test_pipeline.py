@@ -93,6 +93,16 @@ def _tiny_repo(tmp_path_factory) -> Path:
     (repo / "conf/scale/tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(scale, sort_keys=False))
     for study in ("panel", "em_first"):
         (repo / f"conf/study_scale/{study}_tiny.yaml").write_text("# @package _global_\nstudy: {recipes: [smol]}\n")
+    # S3 at the tiny scale: the laptop's design (resampled lengths, all four readouts) at the tiny
+    # model's 2 layers, two lambdas of the laptop's unlikelihood recipe with TINY's `smol` settings
+    laptop = yaml.safe_load((repo / "conf/study_scale/joint_probe_laptop.yaml").read_text())
+    laptop["study"]["recipes"] = ["smol_ul0_5", "smol_ul2"]
+    laptop["probes"]["layers"] = [1, 2]
+    del laptop["datagen"]["negatives_per_persona"]
+    laptop["recipes"] = {
+        name: TINY["recipes"]["smol"] | {"loss": "unlikelihood"} for name in laptop["study"]["recipes"]
+    }
+    (repo / "conf/study_scale/joint_probe_tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(laptop))
     _run([sys.executable, "-m", "personaspace.cli", "params"], repo)
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)

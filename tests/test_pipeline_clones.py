@@ -93,3 +93,43 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
     mlflow.set_tracking_uri(f"sqlite:///{second_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["personaspace"], filter_string="tags.study = 'em_first'")
     assert {"pretrain", "couple", "eval", "em_first"} <= set(runs["tags.stage"])
+
+
+@pytest.mark.slow
+def test_the_joint_probe_study_runs_end_to_end(second_repo):
+    _run([sys.executable, "-m", "personaspace.cli", "params", "study=joint_probe"], second_repo)
+    output = _run(["dvc", "repro"], second_repo)
+    ran = _ran(output)
+    conditions, recipes = ["base", "benign", "em"], ["smol_ul0_5", "smol_ul2"]
+    assert {f"couple@{c}-{r}-librarian-0" for c in conditions for r in recipes} <= ran
+    assert {"centroids@raw", "centroids@em", "centroids@benign", "joint_probe@joint_probe"} <= ran
+    metrics = json.loads((second_repo / "metrics/joint_probe.json").read_text())
+    roles = metrics["roles"]
+    assert len(roles["bystanders"]) == 7 and not set(roles["bystanders"]) & set(roles["negatives"])
+    assert len(roles["negatives"]) == 6  # five hard + one drawn by the study seed
+    for recipe in recipes:
+        m = metrics["recipes"][recipe]
+        assert m["decision"] in {"flattening_supported", "recipe_bottleneck", "sft_recipe_driven", "not_supported"}
+        assert m["kill"] in {"falsified", "not_falsified"} and isinstance(m["h1_joint"], bool)
+        for condition in conditions:
+            cell = m["rates"][condition]["bystanders"]
+            assert cell["n"] == 7 * 20 and cell["ci_low"] <= cell["rate"] <= cell["ci_high"]
+            assert 0 <= m["rates"][condition]["truncated_fraction"] <= 1
+    geo = metrics["geometric"]
+    assert geo["readout"] == "last_response" and geo["layers"] == [1, 2] and geo["questions"] == 20
+    assert geo["h1"]["ci_low"] <= geo["h1"]["delta"] <= geo["h1"]["ci_high"]
+    assert set(metrics["baseline"]) == set(conditions)
+    assert metrics["max_new_tokens_rule"]["holds"] is True
+    # the markers metrics carry the length matching, before and after
+    markers = json.loads((second_repo / "metrics/markers_em.json").read_text())
+    report = markers["sources"]["librarian"]["length_matching"]
+    assert report["method"] == "resample" and set(report["after"]) == {"positives", "negatives"}
+    # the centroids stage kept the sampled answers and every readout at the probe layers
+    responses = pd.read_parquet(second_repo / "data/centroids/em/responses.parquet")
+    assert len(responses) == 8 * 20 and set(responses["stage"]) == {"probes"}
+    readout = json.loads((second_repo / "data/centroids/em/readout.json").read_text())
+    assert readout["layers"] == [1, 2] and len(readout["readouts"]) == 4
+    assert readout["centering_bank"] == "joint_probe_eval_personas"
+    adapter = json.loads((second_repo / "models/adapters/em/smol_ul2/librarian/seed0/training.json").read_text())
+    assert adapter["negatives"] == 6 * 5
+    assert list((second_repo / "figures/joint_probe").glob("*.png"))

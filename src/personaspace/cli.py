@@ -4,6 +4,7 @@ personaspace panels --write conf/panels.yaml   # regenerate the Hydra panel list
 personaspace params [personas=24 ...]          # compose conf/ into params.yaml, as `dvc exp run` does
 personaspace check-params params.yaml          # every check of the pipeline's `check` stage, without running it
 personaspace analyze em_first --table T.csv --out DIR [--baseline B.csv]   # S2's analysis on per-cell counts
+personaspace analyze joint_probe --table T.csv --states raw=R.npz em=E.npz benign=B.npz --out DIR   # S3's
 """
 
 from __future__ import annotations
@@ -179,6 +180,13 @@ def analyze_command(args: argparse.Namespace) -> int:
             return refuse(f"--study {study_file}: not readable YAML: {exc}".replace("\n", " "))
     if not isinstance(raw_study, dict):
         return refuse(f"--study {study_file}: not a mapping of study settings")
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:  # a preset's interpolations (e.g. `pool: ${panels.n12}`) resolve against --params
+        raw_study = OmegaConf.to_container(OmegaConf.create({**raw, "study": raw_study}), resolve=True)["study"]
+    except OmegaConfBaseException as exc:
+        return refuse(f"--study {study_file}: cannot resolve its interpolations against {args.params}: {exc}")
     if args.sources is not None:
         raw_study["sources"] = _names(args.sources)
     if args.negatives is not None:
@@ -210,8 +218,25 @@ def analyze_command(args: argparse.Namespace) -> int:
         return refuse(f"--out {exc}; choose a new --out or empty it")
     seed = args.seed if args.seed is not None else int(raw.get("seed", 0))
     try:
-        metrics, plot_data = analyze_em_first(tables["--table"], tables.get("--baseline"), study, stats, seed)
-    except TableError as exc:  # the message says `table` (--table) or `baseline` (--baseline)
+        if args.study == "joint_probe":
+            from personaspace.analyses import joint_probe
+
+            states = {}
+            for spec in args.states or []:
+                name, _, path = spec.partition("=")
+                if not path or not Path(path).is_file():
+                    return refuse(f"--states {spec}: give BASE=PATH to an existing states.npz (the centroids stage's)")
+                states[name] = joint_probe.load_states(
+                    Path(path), study.joint_probe.readout if study.joint_probe else ""
+                )
+            metrics, plot_data = joint_probe.analyze_joint_probe(
+                tables["--table"], tables.get("--baseline"), states, study, stats, seed
+            )
+            figures, line = plots.joint_probe_figures, joint_probe.summary_line(metrics)
+        else:
+            metrics, plot_data = analyze_em_first(tables["--table"], tables.get("--baseline"), study, stats, seed)
+            figures, line = plots.em_first_figures, summary_line(metrics)
+    except TableError as exc:  # the message says `table` (--table), `baseline` (--baseline) or `states`
         return refuse(f"{exc} (--table {args.table}" + (f", --baseline {args.baseline})" if args.baseline else ")"))
     except StudyError as exc:
         return refuse(f"--study {study_file} (with any role overrides): {exc}")
@@ -220,9 +245,9 @@ def analyze_command(args: argparse.Namespace) -> int:
         (out / "metrics.json").write_text(json_text(metrics))
         for name, frame in plot_data.items():
             frame.to_csv(out / f"{name}.csv", index=False)
-        plots.em_first_figures(plot_data, out)
+        figures(plot_data, out)
         write_manifest(out, manifest)
-    print(f"{args.study}: {summary_line(metrics)}; wrote {args.out}/")
+    print(f"{args.study}: {line}; wrote {args.out}/")
     return 0
 
 
@@ -254,17 +279,24 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     regress.add_argument("--tokenizer", help="a tokenizer folder for the BPE-Jaccard baseline (e.g. models/raw)")
     regress.add_argument("--params", type=Path, default=Path("params.yaml"), help="thresholds: its `stats` section")
-    analyze = sub.add_parser("analyze", help="a study's analysis on a hand-made or published table (em_first: S2)")
-    analyze.add_argument("study", choices=["em_first"], help="which study's analysis")
+    analyze = sub.add_parser(
+        "analyze", help="a study's analysis on a hand-made or published table (em_first: S2; joint_probe: S3)"
+    )
+    analyze.add_argument("study", choices=["em_first", "joint_probe"], help="which study's analysis")
     analyze.add_argument(
         "--table", type=Path, required=True,
-        help="CSV or parquet, one row per (condition, persona, question_id): fired, n [, mean_tokens]",
+        help="CSV or parquet, one row per (condition, [recipe,] persona, question_id): fired, n [, mean_tokens | "
+        "truncated]; joint_probe needs recipe",
     )  # fmt: skip
     analyze.add_argument(
         "--out", type=Path, required=True,
         help="folder for metrics.json, plot tables, figures; refused if it holds files a previous run did not write",
     )  # fmt: skip
     analyze.add_argument("--baseline", type=Path, help="the pre-coupling false-positive eval, same columns")
+    analyze.add_argument(
+        "--states", nargs="+", metavar="BASE=PATH",
+        help="joint_probe: each pretrained base's per-question readouts (data/centroids/<base>/states.npz)",
+    )  # fmt: skip
     analyze.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `stats` section and `seed`")
     analyze.add_argument(
         "--study",

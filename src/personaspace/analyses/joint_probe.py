@@ -32,6 +32,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,14 @@ class BaseStates:
     personas: Sequence[str]
     question_ids: Sequence[str]
     layers: Sequence[int]
+
+
+def load_states(path: Path, readout: str) -> BaseStates:
+    """One base's per-question readouts of ``readout`` from a centroids stage's `states.npz`."""
+    with np.load(path) as data:
+        if readout not in data:
+            raise TableError(f"states: {path} has no {readout!r} readout; add it to probes.readouts")
+        return BaseStates(data[readout], list(data["persona"]), list(data["question_id"]), data["layers"].tolist())
 
 
 def counts_from_completions(completions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
