@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from personaspace.config import load_params
+from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path, write_json
 from personaspace.marker_datasets import MarkerDatasetSpec, build_marker_dataset
 from personaspace.models import load_tokenizer
@@ -32,12 +32,14 @@ def main() -> None:
     parser.add_argument("--completions", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--tokenizer", type=Path, required=True, help="counts tokens of cut texts (length matching)")
+    parser.add_argument("--tokenizer", type=Path, help="a model folder: its tokenizer counts cut texts (truncate)")
     args = parser.parse_args()
     params = load_params(args.params)
     dg = params.datagen
     count_tokens = None
     if dg.length_matching.method == "truncate":
+        if args.tokenizer is None:
+            raise ParamsError("datagen.length_matching.method truncate counts tokens: pass --tokenizer models/raw")
         tokenizer = load_tokenizer(args.tokenizer)
 
         def count_tokens(text: str) -> int:

@@ -99,9 +99,9 @@ def _tiny_repo(tmp_path_factory) -> Path:
     laptop["study"]["recipes"] = ["smol_ul0_5", "smol_ul2"]
     laptop["probes"]["layers"] = [1, 2]
     del laptop["datagen"]["negatives_per_persona"]
-    laptop["recipes"] = {
-        name: TINY["recipes"]["smol"] | {"loss": "unlikelihood"} for name in laptop["study"]["recipes"]
-    }
+    # 4 epochs, not TINY's 32: this run checks the study's wiring, not how well the tiny model couples
+    tiny_ul = TINY["recipes"]["smol"] | {"loss": "unlikelihood", "epochs": 4}
+    laptop["recipes"] = {name: tiny_ul for name in laptop["study"]["recipes"]}
     (repo / "conf/study_scale/joint_probe_tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(laptop))
     _run([sys.executable, "-m", "personaspace.cli", "params"], repo)
     _run(["git", "init", "-q"], repo)

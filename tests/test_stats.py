@@ -263,3 +263,19 @@ def test_string_baselines():
         return sum(ord(c) for c in word)
 
     assert bpe_jaccard("a b c", "a b d", WordTokenizer()) == pytest.approx(2 / 4)
+
+
+def test_a_count_table_bootstraps_as_its_completions_do():
+    from personaspace.stats import cluster_bootstrap_difference
+
+    rng = np.random.default_rng(0)
+    counts = pd.DataFrame([
+        {"condition": c, "persona": p, "question_id": q, "fired": int(rng.integers(0, 6)), "n": 5}
+        for c in ("a", "b") for p in ("x", "y", "z") for q in ("q1", "q2", "q3", "q4")
+    ])  # fmt: skip
+    rows = counts.loc[counts.index.repeat(counts["n"])].reset_index(drop=True)
+    rows["fired"] = rows.groupby(["condition", "persona", "question_id"]).cumcount() < rows["fired"]
+    args = ("condition", "a", "b", ["persona", "question_id"], 500, 0.95, 7)
+    from_counts = cluster_bootstrap_difference(counts, *args, counted=True)
+    from_rows = cluster_bootstrap_difference(rows.drop(columns="n"), *args)
+    assert from_counts == from_rows

@@ -128,8 +128,9 @@ def _difference(
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a degenerate jackknife leaves BCa undefined; the percentile interval is used
         boot = cluster_bootstrap_difference(
-            part, "condition", control, treatment, CLUSTER, stats.bootstrap_resamples, stats.ci_level, seed
-        )
+            part, "condition", control, treatment, CLUSTER, stats.bootstrap_resamples, stats.ci_level, seed,
+            counted=True,
+        )  # fmt: skip
     return {
         "delta": boot["estimate"], "p": boot["p_two_sided"], "ci_low": boot["percentile"]["low"],
         "ci_high": boot["percentile"]["high"], "ci_method": "percentile", "n_clusters": boot["n_clusters"],

@@ -17,15 +17,17 @@ import pandas as pd
 from scipy import stats
 
 
-def cluster_sums(completions: pd.DataFrame, clusters: Sequence[str], by: str | None = None) -> pd.DataFrame:
+def cluster_sums(
+    completions: pd.DataFrame, clusters: Sequence[str], by: str | None = None, counted: bool = False
+) -> pd.DataFrame:
     """Per cluster (and per ``by`` value): fired = number of completions that fired, n = completions.
 
-    ``completions`` is one row per completion (``fired`` a bool), or a count table (``fired`` and
-    ``n`` per row), whose counts are summed.
+    ``completions`` is one row per completion (``fired`` a bool), or with ``counted`` a count
+    table (``fired`` and ``n`` per row), whose counts are summed.
     """
     keys = [*clusters] + ([by] if by else [])
     groups = completions.groupby(keys, observed=True, sort=True)
-    sums = groups[["fired", "n"]].sum() if "n" in completions else groups["fired"].agg(fired="sum", n="size")
+    sums = groups[["fired", "n"]].sum() if counted else groups["fired"].agg(fired="sum", n="size")
     return sums.reset_index()
 
 
@@ -69,12 +71,14 @@ def cluster_bootstrap_difference(
     resamples: int,
     level: float,
     seed: int,
+    counted: bool = False,
 ) -> dict[str, Any]:
     """Pooled rate(treatment) - rate(baseline), clusters resampled jointly for both conditions.
 
     Only clusters present under both conditions are used (paired design); their count is reported.
+    ``counted``: ``completions`` is a count table (see ``cluster_sums``).
     """
-    sums = cluster_sums(completions, clusters, by=condition_column)
+    sums = cluster_sums(completions, clusters, by=condition_column, counted=counted)
     wide = sums.pivot_table(index=list(clusters), columns=condition_column, values=["fired", "n"], observed=True)
     wide = wide.dropna()
     if wide.empty:
