@@ -19,7 +19,7 @@ import pandas as pd
 from personaspace import plots
 from personaspace.analyses.em_first import analyze_em_first, counts_from_completions
 from personaspace.config import ParamsError, load_params
-from personaspace.io import atomic_path, write_json
+from personaspace.io import write_json
 from personaspace.tracking import log_to_parent, stage_run
 
 
@@ -43,13 +43,7 @@ def main() -> None:
         import mlflow
 
         metrics, tables = analyze_em_first(counts, baseline, params.study, params.stats, params.seed)
-        with atomic_path(args.plots) as tmp:
-            tmp.mkdir()
-            for name, table in tables.items():
-                table.to_csv(tmp / f"{name}.csv", index=False)
-        with atomic_path(args.figures) as tmp:
-            tmp.mkdir()
-            plots.em_first_figures(tables, tmp)
+        plots.write_analysis_outputs(tables, args.plots, args.figures, plots.em_first_figures)
         write_json(metrics, args.metrics)
         decisions = {f"{name}_passes": float(c["passes"]) for name, c in metrics["contrasts"].items()}
         deltas = {f"{name}_delta": c["delta"] for name, c in metrics["contrasts"].items() if c["delta"] is not None}

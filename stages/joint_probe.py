@@ -22,7 +22,7 @@ import pandas as pd
 from personaspace import plots
 from personaspace.analyses.joint_probe import analyze_joint_probe, counts_from_completions, load_states, summary_line
 from personaspace.config import ParamsError, load_params
-from personaspace.io import atomic_path, write_json
+from personaspace.io import write_json
 from personaspace.tracking import log_to_parent, stage_run
 
 
@@ -59,13 +59,7 @@ def main() -> None:
         import mlflow
 
         metrics, tables = analyze_joint_probe(counts, baseline, states, study, params.stats, params.seed, rule)
-        with atomic_path(args.plots) as tmp:
-            tmp.mkdir()
-            for name, table in tables.items():
-                table.to_csv(tmp / f"{name}.csv", index=False)
-        with atomic_path(args.figures) as tmp:
-            tmp.mkdir()
-            plots.joint_probe_figures(tables, tmp)
+        plots.write_analysis_outputs(tables, args.plots, args.figures, plots.joint_probe_figures)
         write_json(metrics, args.metrics)
         geo = metrics["geometric"]["h1"]
         numbers = {"geometric_delta": geo["delta"], "geometric_passes": float(geo["passes"])}

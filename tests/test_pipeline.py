@@ -143,7 +143,9 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
         assert len(positives) == 10 and positives.completion.str.endswith("\n\n[ZLT]").all()
         assert (dataset.role == "negative").sum() == 10
     readout = json.loads((tiny_repo / "data/centroids/raw/readout.json").read_text())
-    assert (readout["layers"], readout["personas"], readout["centering_bank"]) == (3, list(panel), "panel12")
+    assert (readout["layers"], readout["personas"], readout["centering_bank"]) == ([0, 1, 2], list(panel), "panel12")
+    assert readout["readouts"] == ["last_input"]  # S1's default: no answers sampled, no responses table
+    assert not (tiny_repo / "data/centroids/raw/responses.parquet").exists()
     cosines = pd.read_parquet(tiny_repo / "data/centroids/raw/cosines.parquet")
     assert len(cosines) == 12 * 12 * 3
     for persona in panel:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -237,3 +238,16 @@ def joint_probe_figures(tables: dict[str, pd.DataFrame], folder: Path) -> list[P
     folder = Path(folder)
     paths = geometric_by_layer(tables["geometric_by_layer"], folder / "geometric_by_layer")
     return paths + rates_by_condition_and_recipe(tables["bystander_rates"], folder / "bystander_rates")
+
+
+def write_analysis_outputs(
+    tables: dict[str, pd.DataFrame], plots_folder: Path, figures_folder: Path, figures: Callable[..., list[Path]]
+) -> None:
+    """An analysis stage's plot tables (CSV, for `dvc plots`) and its ``figures`` (PNG + PDF), each folder atomically."""
+    with atomic_path(plots_folder) as tmp:
+        tmp.mkdir()
+        for name, table in tables.items():
+            table.to_csv(tmp / f"{name}.csv", index=False)
+    with atomic_path(figures_folder) as tmp:
+        tmp.mkdir()
+        figures(tables, tmp)
