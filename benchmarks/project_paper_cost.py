@@ -14,7 +14,9 @@ model load included). Completion lengths are an assumption
 (`--completion-tokens`): no Qwen answer was sampled here; the measured decode rate is for full
 batches (every row runs to the limit), so batches that thin out as rows end run slower than this.
 Start-up, model loads and merges are not counted. ``--table`` writes S1 at 12, 24 and 48 personas
-and S2, now (static decode, packed training) and before (plain loop, TRL's defaults).
+S2 and S3, now (static decode, packed training) and before (plain loop, TRL's defaults). S3's
+probes sample one answer per (base, eval persona, question) for the response readouts: counted as
+generation. Its length matching cuts rows, so its training tokens are an upper bound.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def main() -> None:
                         help="vLLM output tok/s for the projected column: a published, not measured, figure "
                              "(Llama 3.1 8B bf16 on one H100, ~12,500 tok/s, morphllm.com/vllm-benchmarks, 2026)")  # fmt: skip
     parser.add_argument("--personas", type=int, help="panel size (default: the study's)")
-    parser.add_argument("--table", action="store_true", help="S1 at N=12/24/48 and S2, both decoders")
+    parser.add_argument("--table", action="store_true", help="S1 at N=12/24/48, S2 and S3, both decoders")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     measured = json.loads(args.measured.read_text())
@@ -63,7 +65,7 @@ def main() -> None:
         return
     rows = []
     for label, study, personas in (("S1, N=12", "panel", 12), ("S1, N=24", "panel", 24), ("S1, N=48", "panel", 48),
-                                   ("S2 (em_first)", "em_first", None)):  # fmt: skip
+                                   ("S2 (em_first)", "em_first", None), ("S3 (joint_probe)", "joint_probe", None)):  # fmt: skip
         now = project(args, study, personas, decode["static"], training["packed"])
         before = project(args, study, personas, decode["hf"], training["trl"])
         vllm = project(args, study, personas, args.vllm_tok_s, training["packed"])
@@ -79,7 +81,8 @@ def main() -> None:
              "vllm_projected": f"datagen and eval at {args.vllm_tok_s:.0f} tok/s, a published third-party figure for a "
                                "similar model on one H100 (see --vllm-tok-s), not measured here (vLLM's wheel does not "
                                "travel to the lent GPUs); training as now",
-             "not_counted": "S3 and S4 (no presets yet)"}  # fmt: skip
+             "not_counted": "S4 (no preset yet); the probes' forwards (under a second per base at this "
+                            "shape, benchmarks/results/gpu_7b_h200.json); model loads and merges"}  # fmt: skip
     args.out.write_text(json.dumps(table, indent=2) + "\n")
 
 
@@ -111,11 +114,15 @@ def project(args: argparse.Namespace, study_name: str, personas: int | None, gen
     adapters_per_condition = len(study.recipes) * len(study.sources) * len(params.couple.seeds) + 1  # + baseline
     evals = len(graph.eval) * adapters_per_condition * len(study.eval_personas) * eval_questions
     evals *= params.eval.samples_per_question
+    responses = 0
+    if {"last_response", "response_mean"} & set(params.probes.readouts):
+        responses = len(graph.centroids) * len(study.eval_personas) * eval_questions  # one answer per cell
     stages = {
         "pretrain": {"tokens": pretrain_tokens, "seconds": pretrain_tokens / train_tok_s},
         "datagen": {"completions": datagen, "seconds": datagen * args.completion_tokens / gen_tok_s},
         "couple": {"adapters": len(graph.couple), "tokens": couple_tokens, "seconds": couple_tokens / train_tok_s},
         "eval": {"completions": evals, "seconds": evals * args.completion_tokens / gen_tok_s},
+        "centroids": {"completions": responses, "seconds": responses * args.completion_tokens / gen_tok_s},
     }
     total = sum(s["seconds"] for s in stages.values())
     return {
