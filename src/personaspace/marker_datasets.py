@@ -137,15 +137,17 @@ def _match_lengths(
     before = distributions(drawn)
     info: dict = {}
     if spec.length_matching == "resample":
-        targets = drawn[source]["n_tokens"]
+        sizes = {n: min(spec.negatives_per_persona, len(usable[n])) for n in negatives}
+        # the pooled negatives take the positives' quantiles at every rank, dealt in turn to the
+        # personas (each still spans the whole range): a few rows per persona match as a pool
+        # far better than each persona's own coarse quantiles would
+        pooled = quantile_targets(drawn[source]["n_tokens"], sum(sizes.values()))
+        equal = len(set(sizes.values())) == 1
         matched = {source: drawn[source]}
-        for n in negatives:
-            size = min(spec.negatives_per_persona, len(usable[n]))
-            matched[n] = resample_nearest(
-                usable[n].sort_values(["question_id", "sample_idx"]).reset_index(drop=True),
-                quantile_targets(targets, size),
-                seed(n),
-            )
+        for i, n in enumerate(negatives):
+            targets = pooled[i :: len(negatives)] if equal else quantile_targets(drawn[source]["n_tokens"], sizes[n])
+            candidates = usable[n].sort_values(["question_id", "sample_idx"]).reset_index(drop=True)
+            matched[n] = resample_nearest(candidates, targets, seed(n))
     else:
         pooled = pd.concat([drawn[n].assign(_persona=n) for n in negatives], ignore_index=True)
         positives, pooled, info = truncate_longer_side(drawn[source], pooled, spec.count_tokens)  # type: ignore[arg-type]
