@@ -115,6 +115,41 @@ def build_marker_dataset(
     return dataset, summary
 
 
+def _resample_negatives(
+    source: str,
+    drawn: dict[str, pd.DataFrame],
+    usable: Mapping[str, pd.DataFrame],
+    spec: MarkerDatasetSpec,
+    seed: Callable[[str], int],
+    distributions: Callable[[Mapping[str, pd.DataFrame]], dict[str, dict[str, float]]],
+) -> dict[str, pd.DataFrame]:
+    """Each negative persona's rows drawn nearest to target lengths from the positives' quantiles.
+
+    Two ways to set the targets, the closer pooled match kept (the first on a tie): the pooled
+    negatives take the positives' quantiles at every rank, dealt in turn to the personas (a few
+    rows per persona match far better as a pool), or each persona takes the positives' quantiles
+    on its own (better when one persona lacks short or long answers to deal to it).
+    """
+    negatives = [p for p in drawn if p != source]
+    lengths = drawn[source]["n_tokens"]
+    sizes = {n: min(spec.negatives_per_persona, len(usable[n])) for n in negatives}
+    pooled = quantile_targets(lengths, sum(sizes.values()))
+    plans = [{n: quantile_targets(lengths, sizes[n]) for n in negatives}]
+    if len(set(sizes.values())) == 1:
+        plans.insert(0, {n: pooled[i :: len(negatives)] for i, n in enumerate(negatives)})
+    best, best_off = {}, float("inf")
+    for plan in plans:
+        matched = {source: drawn[source]}
+        for n in negatives:
+            candidates = usable[n].sort_values(["question_id", "sample_idx"]).reset_index(drop=True)
+            matched[n] = resample_nearest(candidates, plan[n], seed(n))
+        after = distributions(matched)
+        off = max(mismatch(after["positives"], after["negatives"]).values())
+        if not best or off < best_off:
+            best, best_off = matched, off
+    return best
+
+
 def _match_lengths(
     source: str,
     drawn: dict[str, pd.DataFrame],
@@ -137,17 +172,7 @@ def _match_lengths(
     before = distributions(drawn)
     info: dict = {}
     if spec.length_matching == "resample":
-        sizes = {n: min(spec.negatives_per_persona, len(usable[n])) for n in negatives}
-        # the pooled negatives take the positives' quantiles at every rank, dealt in turn to the
-        # personas (each still spans the whole range): a few rows per persona match as a pool
-        # far better than each persona's own coarse quantiles would
-        pooled = quantile_targets(drawn[source]["n_tokens"], sum(sizes.values()))
-        equal = len(set(sizes.values())) == 1
-        matched = {source: drawn[source]}
-        for i, n in enumerate(negatives):
-            targets = pooled[i :: len(negatives)] if equal else quantile_targets(drawn[source]["n_tokens"], sizes[n])
-            candidates = usable[n].sort_values(["question_id", "sample_idx"]).reset_index(drop=True)
-            matched[n] = resample_nearest(candidates, targets, seed(n))
+        matched = _resample_negatives(source, drawn, usable, spec, seed, distributions)
     else:
         pooled = pd.concat([drawn[n].assign(_persona=n) for n in negatives], ignore_index=True)
         positives, pooled, info = truncate_longer_side(drawn[source], pooled, spec.count_tokens)  # type: ignore[arg-type]
