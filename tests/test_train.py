@@ -171,11 +171,11 @@ def test_unlikelihood_loss_equals_a_hand_computation_row_by_row(tiny_model_dir, 
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from personaspace.train import _with_unlikely, first_marker_token
+    from personaspace.train import _with_columns, first_marker_token
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     rows = list(tokenize_marker_dataset(tokenizer, _rows(), "marker_only", MARKER, SEP, 128, unlikelihood=True))
-    packed = _with_unlikely(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True))(rows)
+    packed = _with_columns(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), ["unlikely"])(rows)
     start, lam = first_marker_token(tokenizer, MARKER, SEP), 1.5
     with torch.no_grad():  # make the marker as likely as the top token at a negative's end (else -log(1-P) ~ 0)
         end = model(input_ids=torch.tensor([rows[1]["input_ids"][:-1]])).logits[0, -1].argmax()

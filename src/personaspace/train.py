@@ -16,7 +16,12 @@ tokenised here, then handed to TRL's SFTTrainer as ``input_ids`` + ``labels``, w
   end-of-turn token), ``lambda * -log(1 - P(first marker token))``. The first marker token is the
   first token of separator + marker tokenised apart: what a positive emits where a negative ends.
   Its target rides in an ``unlikely`` column beside ``labels`` (same alignment, IGNORE elsewhere),
-  packed with the batch by TRL's own collator (``_with_unlikely``).
+  packed with the batch by TRL's own collator (``_with_columns``).
+
+Training-time steering (S4, ``train_adapter(..., steering=...)``) adds each row's persona vector at
+a layer to every one of its tokens, through ``personaspace.steering.steer``: the row's vector index
+rides in a ``steer`` column (one per token, packed like ``unlikely``), and the hook reads the
+batch's per-token vectors at every forward, activation recomputation included.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import pandas as pd
 
 from personaspace.config import RecipeParams
 from personaspace.models import render_prompt
+from personaspace.steering import TrainingSteering, steer
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -52,11 +58,16 @@ def tokenize_marker_dataset(
     separator: str,
     max_length: int,
     unlikelihood: bool = False,
+    steering: TrainingSteering | None = None,
+    system_prompt: str | None = None,
 ) -> Dataset:
     """input_ids and labels (``loss``) for each row of a marker dataset (see the module docstring).
 
     With ``unlikelihood``, an ``unlikely`` column too: the first marker token at the end-of-turn
-    index of every negative row, IGNORE elsewhere (aligned with ``labels``).
+    index of every negative row, IGNORE elsewhere (aligned with ``labels``). With ``steering``, a
+    ``steer`` column: the index of the row persona's vector, at every token. ``system_prompt``
+    replaces every row's own (S4's neutral prompt: the persona then reaches the model only
+    through steering).
     """
     from datasets import Dataset
 
@@ -65,6 +76,8 @@ def tokenize_marker_dataset(
     records = []
     for row in rows.itertuples(index=False):
         system = row.system_prompt if isinstance(row.system_prompt, str) else None  # pandas reads None as NaN
+        if system_prompt is not None:
+            system = system_prompt
         prompt = render_prompt(tokenizer, system, row.user)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         positive = row.role == "positive"
@@ -94,6 +107,8 @@ def tokenize_marker_dataset(
         record = {"input_ids": input_ids, "labels": [IGNORE] * len(prompt_ids) + completion_labels}
         if unlikelihood:
             record["unlikely"] = [IGNORE] * (len(input_ids) - 1) + [IGNORE if positive else marker_start]
+        if steering is not None:
+            record["steer"] = [steering.index(row.persona)] * len(input_ids)
         records.append(record)
     return Dataset.from_list(records)
 
@@ -137,7 +152,7 @@ def next_token_loss(
     targets = labels[0, 1:]
     unlikely = inputs["unlikely"][0, 1:] if "unlikely" in inputs else torch.full_like(targets, IGNORE)
     keep = ((targets != IGNORE) | (unlikely != IGNORE)).nonzero().squeeze(1)
-    rest = {k: v for k, v in inputs.items() if k not in ("labels", "unlikely")}
+    rest = {k: v for k, v in inputs.items() if k not in EXTRA_COLUMNS}
     outputs = model(**rest, logits_to_keep=keep, use_cache=False)
     logits = outputs.logits[0].float()
     count = int((targets != IGNORE).sum()) if num_items_in_batch is None else num_items_in_batch
@@ -151,18 +166,22 @@ def next_token_loss(
     return loss / count, outputs
 
 
-def _with_unlikely(collate: Any) -> Any:
-    """TRL's padding-free collator, with each row's ``unlikely`` targets packed as it packs ``labels``."""
+EXTRA_COLUMNS = ("labels", "unlikely", "steer")  # per-token columns the model's forward does not take
+
+
+def _with_columns(collate: Any, names: Sequence[str]) -> Any:
+    """TRL's padding-free collator, with each row's per-token ``names`` columns packed as it packs ``labels``."""
     import torch
 
-    def collate_with_unlikely(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collate([{k: v for k, v in e.items() if k != "unlikely"} for e in examples])
-        batch["unlikely"] = torch.cat([torch.as_tensor(e["unlikely"]) for e in examples])[None]
-        if batch["unlikely"].shape != batch["labels"].shape:  # TRL padded the packed row (pad_to_multiple_of)
-            raise ValueError("the unlikely targets do not line up with the packed labels")
+    def collate_with_columns(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate([{k: v for k, v in e.items() if k not in names} for e in examples])
+        for name in names:
+            batch[name] = torch.cat([torch.as_tensor(e[name]) for e in examples])[None]
+            if batch[name].shape != batch["labels"].shape:  # TRL padded the packed row (pad_to_multiple_of)
+                raise ValueError(f"the {name} column does not line up with the packed labels")
         return batch
 
-    return collate_with_unlikely
+    return collate_with_columns
 
 
 def _trainer_class() -> type:
@@ -179,8 +198,14 @@ def _trainer_class() -> type:
         """
 
         unlikelihood_lambda = 0.0  # set per instance by train_adapter for unlikelihood recipes
+        steering_table: Any = None  # (personas, hidden) tensor of c_p * v_p, set by train_adapter when steering
+        steering_now: Any = None  # this batch's per-token vectors, read by the steering hook at every forward
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            if "steer" in inputs:
+                index = inputs.pop("steer")[0]
+                self.steering_table = self.steering_table.to(index.device)
+                self.steering_now = self.steering_table[index]  # (tokens, hidden): broadcasts over the one packed row
             loss, outputs = next_token_loss(model, inputs, num_items_in_batch, self.unlikelihood_lambda)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every rank's labels and DDP averages the ranks' gradients:
@@ -219,7 +244,7 @@ def largest_step_overflows(trainer: Any, rows_per_step: int) -> bool:
     rows = trainer.train_dataset
     lengths = [len(ids) for ids in rows["input_ids"]]  # one column read, not a row at a time
     longest = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))[:rows_per_step]
-    keys = [k for k in ("input_ids", "labels", "unlikely") if k in rows.column_names]
+    keys = [k for k in ("input_ids", "labels", "unlikely", "steer") if k in rows.column_names]
     batch = trainer.data_collator([{k: rows[i][k] for k in keys} for i in longest])
     device = trainer.model.device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -282,6 +307,7 @@ def train_adapter(
     callbacks: Sequence[Any] = (),
     attention: str | None = None,
     fused_kernels: bool = False,
+    steering: TrainingSteering | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA on ``dataset`` and save the adapter (only) to ``out_dir``; return the loss history.
 
@@ -295,6 +321,10 @@ def train_adapter(
 
     Under torchrun (``personaspace.distributed.launch``) the training is data parallel over the
     ranks with the recipe's effective batch (``per_device_batch``); rank 0 alone saves the adapter.
+
+    With ``steering`` (the dataset tokenised with the same one), each row's vector is added at
+    ``steering.layer`` to all its tokens in every forward of the training, through the one steering
+    hook; the loss, optimiser and data order are TRL's as without it.
     """
     import torch
     from peft import LoraConfig
@@ -317,6 +347,11 @@ def train_adapter(
             f"recipe loss {recipe.loss} and the dataset disagree: tokenize_marker_dataset(..., "
             "unlikelihood=recipe.loss == 'unlikelihood') adds the unlikely column"
         )
+    if (steering is not None) != ("steer" in dataset.column_names):
+        raise ValueError(
+            "steering and the dataset disagree: tokenize_marker_dataset(..., steering=) adds the steer column"
+        )
+    extra = [name for name in ("unlikely", "steer") if name in dataset.column_names]
     scratch = tempfile.mkdtemp(prefix="personaspace-trainer-")  # nothing is saved there (save_strategy=no)
 
     def build(checkpointing: bool) -> Any:
@@ -350,7 +385,7 @@ def train_adapter(
             use_cpu=not use_gpu,
             disable_tqdm=False,
             dataloader_num_workers=0,
-            remove_unused_columns=not unlikelihood,  # keep the `unlikely` column for the loss
+            remove_unused_columns=not extra,  # keep the `unlikely` and `steer` columns for the loss
         )
         if use_gpu and ranks.world == 1 and config.n_gpu > 1:
             # one process trains on one GPU: with several visible, Trainer would wrap the model in
@@ -360,9 +395,12 @@ def train_adapter(
             model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
             callbacks=list(callbacks),
         )  # fmt: skip
+        if extra:
+            trainer.data_collator = _with_columns(trainer.data_collator, extra)
         if unlikelihood:
-            trainer.data_collator = _with_unlikely(trainer.data_collator)
             trainer.unlikelihood_lambda = recipe.unlikelihood_lambda
+        if steering is not None:
+            trainer.steering_table = torch.as_tensor(steering.vectors, dtype=torch.float32)
         return trainer
 
     auto = recipe.gradient_checkpointing == "auto"
@@ -375,7 +413,11 @@ def train_adapter(
             torch.cuda.empty_cache()
             trainer = build(True)
     try:
-        result = trainer.train()
+        if steering is None:
+            result = trainer.train()
+        else:  # the hook stays for the whole training: recomputed activations are steered as the forward was
+            with steer(trainer.model, steering.layer, lambda: trainer.steering_now, 1.0):
+                result = trainer.train()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if ranks.main:
