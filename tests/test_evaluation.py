@@ -111,3 +111,53 @@ def test_each_adapters_cells_are_stored_as_soon_as_it_is_done(tiny, tmp_path):
     resumed = CellStore(tmp_path / "cells")
     _, generated = evaluate_cells(generator, load_catalog(), ["librarian"], adapters, store=resumed, **settings)
     assert generated == 20  # only the second adapter's cells
+
+
+def test_a_steered_cell_is_never_served_from_its_unsteered_twin(tiny):
+    import hashlib
+    import json
+
+    from personaspace.completions import persona_cells
+    from personaspace.evaluation import cell_key
+    from personaspace.generate import Steering
+
+    generator, fingerprint = tiny
+
+    def keys(steering=None, neutral=None):
+        rows, requests = persona_cells(
+            generator.tokenizer, load_catalog(), "librarian", bank="eval", samples_per_question=1, user_suffix="",
+            study_seed=0, condition="base", stage="eval", adapter="none", neutral_prompt=neutral, steering=steering,
+        )  # fmt: skip
+        return rows, [cell_key(r, SAMPLING, fingerprint, "hf", q.steering) for r, q in zip(rows, requests, strict=True)]
+
+    rows, plain = keys()
+    # an unsteered key is the one from before steering existed: the same parts, hashed the same way
+    row = rows[0]
+    parts = ["hf", fingerprint, "none", row["system_prompt"], row["user"], row["seed"], 0, 1.0, 0.95, 4]
+    assert plain[0] == hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+    assert (row["steer_vector"], row["steer_layer"], row["steer_coef"]) == ("none", 0, 0.0)
+    v = Steering("raw/librarian/centroid/L1", layer=1, coef=2.0, vector=(1.0, 0.0))
+    steered_rows, steered = keys(v)
+    assert (steered_rows[0]["steer_vector"], steered_rows[0]["steer_layer"], steered_rows[0]["steer_coef"]) == (
+        "raw/librarian/centroid/L1", 1, 2.0,
+    )  # fmt: skip
+    assert [r["seed"] for r in steered_rows] == [r["seed"] for r in rows]  # common random numbers
+    variants = [
+        v,
+        Steering(v.vector_id, 1, -2.0, v.vector),  # the sign check
+        Steering(v.vector_id, 2, 2.0, v.vector),  # another layer
+        Steering(v.vector_id, 1, 2.0, (1.0, 1e-9)),  # the same id, other values: a recomputed vector
+        Steering("raw/librarian/iso_random/L1", 1, 2.0, v.vector),
+    ]
+    firsts = {keys(s)[1][0] for s in variants} | {plain[0], keys(None, "Provide a clear answer.")[1][0]}
+    assert len(firsts) == len(variants) + 2 and len(set(steered)) == len(steered)
+
+
+def test_cell_chunks_from_before_steering_load_as_unsteered(tiny, tmp_path):
+    store = CellStore(tmp_path / "cells")
+    first, _ = _evaluate(tiny, store, ["librarian"])
+    for chunk in (tmp_path / "cells").glob("*.parquet"):  # as an older personaspace wrote them
+        pd.read_parquet(chunk).drop(columns=["steer_vector", "steer_layer", "steer_coef"]).to_parquet(chunk)
+    again, generated = _evaluate(tiny, CellStore(tmp_path / "cells"), ["librarian"])
+    assert generated == 0
+    pd.testing.assert_frame_equal(again, first)

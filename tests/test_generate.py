@@ -174,3 +174,20 @@ def test_requests_carry_their_adapter_and_one_call_spans_several(tiny, tiny_mode
     assert together[:3] == tiny.generate(plain, sampling)
     assert [c.text for c in together[3:]] == [c.text for c in unmerged.generate(plain, sampling)]
     assert together[3:] != together[:3]
+
+
+def test_a_steered_request_samples_as_the_hook_does_and_shares_no_batch_with_unsteered_ones(tiny):
+    from personaspace.generate import Steering
+    from personaspace.steering import steer
+
+    sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=6)
+    vector = tuple(np.random.default_rng(0).normal(size=tiny.model.config.hidden_size) * 30)
+    steering = Steering("test/v", layer=1, coef=1.5, vector=vector)
+    plain = [ChatRequest("You are a librarian.", f"Question {i}?", seed=i) for i in range(3)]
+    steered = [replace(r, steering=steering) for r in plain]
+    with steer(tiny.model, 1, list(vector), 1.5):
+        by_hook = tiny.generate(plain, sampling)
+    mixed = tiny.generate([*plain, *steered], sampling)  # one call, two batches: the steering is per batch
+    assert mixed[3:] == by_hook
+    assert mixed[:3] == tiny.generate(plain, sampling)
+    assert mixed[:3] != mixed[3:]

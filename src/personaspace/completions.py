@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 
-from personaspace.generate import ChatRequest, Generator, Sampling
+from personaspace.generate import ChatRequest, Generator, Sampling, Steering
 from personaspace.markers import fires
 from personaspace.models import model_default_system_prompt
 from personaspace.personas import Catalog, Persona
@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 COMPLETION_COLUMNS = [
     "stage", "condition", "adapter", "persona", "category", "question_bank", "question_id",
     "question_kind", "sample_idx", "seed", "system_prompt", "user", "text", "n_tokens",
-    "finish_reason", "fired", "temperature", "top_p", "max_new_tokens",
+    "finish_reason", "fired", "temperature", "top_p", "max_new_tokens", "steer_vector", "steer_layer", "steer_coef",
 ]  # fmt: skip
+UNSTEERED = {"steer_vector": "none", "steer_layer": 0, "steer_coef": 0.0}  # layer 0 (embeddings) is never steered
 
 
 def system_message(persona: Persona, tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -58,22 +59,33 @@ def persona_cells(
     condition: str,
     stage: str,
     adapter: str,
+    neutral_prompt: str | None = None,
+    steering: Steering | None = None,
 ) -> tuple[list[dict], list[ChatRequest]]:
-    """The id columns and the request of every (question, sample) cell of one persona; seeds from stable ids."""
+    """The id columns and the request of every (question, sample) cell of one persona; seeds from stable ids.
+
+    ``neutral_prompt`` replaces the persona's system message (S4: the persona then reaches the model
+    only through ``steering``). The seeds do not depend on either, so a steered cell and its
+    unsteered twin draw the same sampling noise (common random numbers: their difference is the
+    steering's, not the draw's).
+    """
     persona = catalog.persona(persona_name)
-    system = system_message(persona, tokenizer)
+    system = system_message(persona, tokenizer) if neutral_prompt is None else neutral_prompt
+    steered = UNSTEERED if steering is None else {
+        "steer_vector": steering.vector_id, "steer_layer": steering.layer, "steer_coef": steering.coef,
+    }  # fmt: skip
     rows, requests = [], []
     for question in catalog.questions(bank):
         user = question.text + user_suffix
         for sample_idx in range(samples_per_question):
             seed = stable_seed(study_seed, stage, condition, adapter, persona.name, question.id, sample_idx)
-            requests.append(ChatRequest(system=system, user=user, seed=seed))
+            requests.append(ChatRequest(system=system, user=user, seed=seed, steering=steering))
             rows.append(
                 {
                     "stage": stage, "condition": condition, "adapter": adapter, "persona": persona.name,
                     "category": persona.category, "question_bank": bank, "question_id": question.id,
                     "question_kind": question.kind, "sample_idx": sample_idx, "seed": seed,
-                    "system_prompt": system, "user": user,
+                    "system_prompt": system, "user": user, **steered,
                 }
             )  # fmt: skip
     return rows, requests
@@ -97,8 +109,13 @@ def complete_cells(
 
 
 def typed_completions(table: pd.DataFrame) -> pd.DataFrame:
-    """The completion table's column types (counts as int64, fired as bool), whatever it was built from."""
-    return table.astype({"seed": "int64", "sample_idx": "int64", "n_tokens": "int64", "fired": "bool"})
+    """The completion table's column types (counts as int64, fired as bool), whatever it was built from.
+
+    A table from before steering existed (a cell cache's older chunks) gets the unsteered columns.
+    """
+    table = table.assign(**{k: v for k, v in UNSTEERED.items() if k not in table.columns})
+    return table.astype({"seed": "int64", "sample_idx": "int64", "n_tokens": "int64", "fired": "bool",
+                         "steer_layer": "int64", "steer_coef": "float64"})  # fmt: skip
 
 
 def sample_persona_completions(

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from personaspace.completions import COMPLETION_COLUMNS, complete_cells, persona_cells, typed_completions
-from personaspace.generate import Generator, Sampling
+from personaspace.generate import Generator, Sampling, Steering
 from personaspace.io import write_parquet
 from personaspace.personas import Catalog
 from personaspace.stats import wilson_interval
@@ -43,10 +43,16 @@ def fingerprint_dir(path: Path, ignore: Sequence[str] = ("training.json", "pretr
     return digest.hexdigest()
 
 
-def cell_key(row: dict, sampling: Sampling, fingerprint: str, sampler: str) -> str:
-    """Content key of one eval cell (``sampler``: the generator's, since backends draw other tokens)."""
+def cell_key(row: dict, sampling: Sampling, fingerprint: str, sampler: str, steering: Steering | None = None) -> str:
+    """Content key of one eval cell (``sampler``: the generator's, since backends draw other tokens).
+
+    A steered cell's key adds the steering (vector id, layer, coef and the vector's digest), so it
+    is never served from its unsteered twin; an unsteered key is what it was before steering existed.
+    """
     parts = [sampler, fingerprint, row["adapter"], row["system_prompt"], row["user"], row["seed"], row["sample_idx"],
              sampling.temperature, sampling.top_p, sampling.max_new_tokens]  # fmt: skip
+    if steering is not None:
+        parts += ["steering", steering.vector_id, steering.layer, steering.coef, steering.digest()]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -66,7 +72,9 @@ class CellStore:
         if self._table is None:
             chunks = sorted(self.folder.glob("*.parquet")) if self.folder.is_dir() else []
             self._table = (
-                pd.concat([pd.read_parquet(c) for c in chunks], ignore_index=True).drop_duplicates("cell_key")
+                pd.concat([typed_completions(pd.read_parquet(c)) for c in chunks], ignore_index=True).drop_duplicates(
+                    "cell_key"
+                )
                 if chunks
                 else pd.DataFrame(columns=[*COMPLETION_COLUMNS, "cell_key"])
             )
@@ -115,7 +123,7 @@ def evaluate_cells(
                 user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage="eval", adapter=name,
             )  # fmt: skip
             for row, request in zip(persona_rows, persona_requests, strict=True):
-                key = cell_key(row, sampling, fingerprint, generator.sampler)
+                key = cell_key(row, sampling, fingerprint, generator.sampler, request.steering)
                 wanted.append(key)
                 if key not in done.index:
                     rows.append(row)

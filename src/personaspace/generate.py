@@ -21,6 +21,7 @@ of a call as a LoRA of one engine and runs vLLM's own workers (one process per s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,14 +33,38 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Steering:
+    """Inference-time steering of a request: ``coef * vector`` added at ``layer`` (personaspace.steering).
+
+    ``vector_id`` names the vector (base, persona, kind, layer); ``vector`` holds its values, so a
+    request is self-contained and the cell key can hash them (``digest``).
+    """
+
+    vector_id: str
+    layer: int
+    coef: float
+    vector: tuple[float, ...]
+
+    def digest(self) -> str:
+        """sha256 of the vector's float64 bytes: a changed vector never serves an old cell."""
+        import hashlib
+
+        import numpy as np
+
+        return hashlib.sha256(np.asarray(self.vector, dtype=np.float64).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
 class ChatRequest:
-    """One completion to sample: system message (None = no system turn), user message, seed, and the
-    peft adapter to sample it under (None = the base model), so one call can span several adapters."""
+    """One completion to sample: system message (None = no system turn), user message, seed, the
+    peft adapter to sample it under (None = the base model), so one call can span several adapters,
+    and its steering (None = unsteered; the hf backend only)."""
 
     system: str | None
     user: str
     seed: int
     adapter: str | None = None
+    steering: Steering | None = None
 
 
 @dataclass(frozen=True)
@@ -209,27 +234,29 @@ class HFGenerator:
         from tqdm.auto import tqdm
 
         from personaspace.models import merged_copy, render_prompt
+        from personaspace.steering import steer
 
         prompts = [render_prompt(self.tokenizer, r.system, r.user) for r in requests]
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        by_adapter: dict[str | None, list[int]] = {}
-        for i, request in enumerate(requests):
-            by_adapter.setdefault(request.adapter, []).append(i)
-        plan: list[tuple[str | None, list[int]]] = []
-        for adapter, indices in by_adapter.items():
+        by_adapter: dict[tuple[str | None, Steering | None], list[int]] = {}
+        for i, request in enumerate(requests):  # a batch shares its adapter and its steering
+            by_adapter.setdefault((request.adapter, request.steering), []).append(i)
+        plan: list[tuple[str | None, Steering | None, list[int]]] = []
+        for (adapter, steering), indices in by_adapter.items():
             # Requests sharing a system prompt stay together, so a batch holds few distinct prefixes.
             order = sorted(indices, key=lambda i: (requests[i].system or "", len(ids[i]), i))
             plan += [
-                (adapter, order[start : start + self.batch_size]) for start in range(0, len(order), self.batch_size)
+                (adapter, steering, order[start : start + self.batch_size])
+                for start in range(0, len(order), self.batch_size)
             ]
         # Several ranks deal out whole batches: each batch is the one a single process runs, so the
         # gathered completions are the same bytes whatever the number of processes.
         mine = [plan[k] for k in self.ranks.mine(len(plan))]
         results: dict[int, Completion] = {}
-        bar = tqdm(total=sum(len(batch) for _, batch in mine), desc="generate", unit="completion",
+        bar = tqdm(total=sum(len(batch) for _, _, batch in mine), desc="generate", unit="completion",
                    disable=not self.progress)  # fmt: skip
         loaded: tuple[str | None, Any] | None = None
-        for adapter, batch in mine:
+        for adapter, steering, batch in mine:
             if loaded is None or loaded[0] != adapter:
                 loaded = None  # free the previous adapter's merged copy first
                 # one adapter at a time, merged into a copy of the base (peft's mixed-adapter batches were
@@ -237,7 +264,10 @@ class HFGenerator:
                 loaded = (adapter, self.model if adapter is None else merged_copy(self.model, Path(adapter)))
             groups = [requests[i].system for i in batch]
             seeds = [requests[i].seed for i in batch]
-            outputs = self._generate_batch(loaded[1], [ids[i] for i in batch], groups, seeds, sampling)
+            with ExitStack() as steered:
+                if steering is not None:
+                    steered.enter_context(steer(loaded[1], steering.layer, list(steering.vector), steering.coef))
+                outputs = self._generate_batch(loaded[1], [ids[i] for i in batch], groups, seeds, sampling)
             results.update(zip(batch, outputs, strict=True))
             bar.update(len(batch))
         loaded = None

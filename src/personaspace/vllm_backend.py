@@ -130,6 +130,10 @@ class VLLMGenerator:
 
         from personaspace.models import render_prompt
 
+        if any(r.steering is not None for r in requests):
+            raise ValueError(
+                "steered requests need the hf backend: vLLM cannot host forward hooks; set generation.backend: hf"
+            )
         adapters = [self.adapter if r.adapter is None else str(r.adapter) for r in requests]
         named = list(dict.fromkeys(a for a in adapters if a is not None))
         if self.llm is None:
