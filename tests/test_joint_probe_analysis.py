@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from personaspace.analyses.em_first import TableError
+from personaspace.analyses import TableError
 from personaspace.analyses.joint_probe import BaseStates, analyze_joint_probe, decide
 from personaspace.config import StatsParams, StudyParams
 from personaspace.probes import centroids, cosine_table

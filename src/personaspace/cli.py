@@ -145,7 +145,8 @@ def analyze_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from personaspace import plots
-    from personaspace.analyses.em_first import TableError, analyze_em_first, summary_line
+    from personaspace.analyses import TableError
+    from personaspace.analyses.em_first import analyze_em_first, summary_line
     from personaspace.config import StatsParams, StudyParams, format_validation_error
     from personaspace.io import OutputError, check_replaceable, json_text, write_manifest
     from personaspace.study import StudyError

@@ -62,11 +62,6 @@ def truncate_to(text: str, target: int, count: Callable[[str], int]) -> str:
     return fitting[-1] if fitting else prefixes[0]
 
 
-def _quantile_targets(lengths: np.ndarray, n: int) -> np.ndarray:
-    """n lengths at the mid-rank quantiles (i + 0.5) / n of ``lengths``."""
-    return np.quantile(lengths, (np.arange(n) + 0.5) / n)
-
-
 def truncate_longer_side(
     positives: pd.DataFrame, negatives: pd.DataFrame, count: Callable[[str], int]
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -79,7 +74,7 @@ def truncate_longer_side(
     long, short = (positives, negatives) if longer == "positives" else (negatives, positives)
     order = np.lexsort((np.arange(len(long)), long["n_tokens"].to_numpy()))  # stable rank by length
     targets = np.empty(len(long))
-    targets[order] = _quantile_targets(short["n_tokens"].to_numpy(), len(long))
+    targets[order] = quantile_targets(short["n_tokens"].to_numpy(), len(long))
     texts = [truncate_to(text, round(float(t)), count) for text, t in zip(long["text"], targets, strict=True)]
     cut = long.assign(text=texts, n_tokens=[count(t) for t in texts])
     rows_cut = int((cut["text"] != long["text"]).sum())
@@ -104,8 +99,9 @@ def resample_nearest(candidates: pd.DataFrame, targets: np.ndarray, seed: int) -
 
 
 def quantile_targets(lengths: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
-    """The n target lengths ``resample_nearest`` draws toward: the mid-rank quantiles of ``lengths``."""
-    return _quantile_targets(np.asarray(lengths, dtype=float), n)
+    """n target lengths at the mid-rank quantiles (i + 0.5) / n of ``lengths`` (what truncation cuts to
+    and ``resample_nearest`` draws toward)."""
+    return np.quantile(np.asarray(lengths, dtype=float), (np.arange(n) + 0.5) / n)
 
 
 def check_matched(report: dict[str, Any], tolerance: float, source: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from personaspace.analyses import TableError
 from personaspace.stats import (
     adjust_pvalues,
     cooks_distance,
@@ -44,10 +45,6 @@ OPTIONAL_COLUMNS = ("prompt_tokens", "prompt", "inherited")
 PERSONA_COLUMNS = ("category", "fired", "n", "prompt_tokens", "prompt", "inherited")  # the same in every layer
 FLAGS = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
 SELF_COSINE_TOLERANCE = 1e-4  # cosines computed in float32 put a self-cosine a few 1e-7 off 1
-
-
-class TableError(ValueError):
-    """The regression table is malformed; the message names the row or column."""
 
 
 class SettingsError(ValueError):

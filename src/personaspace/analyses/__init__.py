@@ -4,3 +4,7 @@ Each takes tidy tables and the study's params models and returns a metrics dict 
 keys, decisions as named values) plus plot tables (DataFrames). No file, MLflow or params.yaml I/O:
 the pipeline's stages and the ``personaspace analyze`` CLI read and write, the modules compute.
 """
+
+
+class TableError(ValueError):
+    """A table given to an analysis is malformed or does not fit the study; the message names the row or key."""

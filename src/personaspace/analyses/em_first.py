@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from personaspace.analyses import TableError
 from personaspace.config import ContrastSpec, EmFirstParams, StatsParams, StudyParams
 from personaspace.seeds import stable_seed
 from personaspace.stats import adjust_pvalues, cluster_bootstrap_difference, undefined, wilson_interval
@@ -59,10 +60,6 @@ OPTIONAL_COLUMNS = ("mean_tokens",)
 CLUSTER = ("persona", "question_id")
 COMPLETION_COLUMNS = ("condition", "adapter", "persona", "question_id", "fired")
 P_TEST = "cluster bootstrap over (persona, question_id), two-sided: 2 x the smaller tail mass at 0 (+1 corrected)"
-
-
-class TableError(ValueError):
-    """A counts or baseline table is malformed or does not fit the study; the message names the row or key."""
 
 
 def _cell(table: pd.DataFrame, row: int) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from personaspace.analyses.em_first import TableError
+from personaspace.analyses import TableError
 from personaspace.config import JointProbeParams, StatsParams, StudyParams
 from personaspace.seeds import stable_seed
 from personaspace.stats.bootstrap import cluster_bootstrap_difference
