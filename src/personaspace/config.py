@@ -276,6 +276,9 @@ class EmFirstParams(_Strict):
     kill: KillCriterion
 
 
+Readout = Literal["last_input", "prompt_mean", "last_response", "response_mean"]
+
+
 class JointProbeParams(_Strict):
     """S3's analysis (METHODS.md): behavioural and geometric H1, their joint decision, H2 triage, the kill."""
 
@@ -292,6 +295,43 @@ class JointProbeParams(_Strict):
     kill_max_behavioural: float = Field(
         description="kill: falsified when behavioural delta <= this and the geometric delta <= 0 at every layer"
     )
+
+
+class SteeringArm(_Strict):
+    """One arm of S4: the system prompt its training rows carry and the vector added while it trains."""
+
+    prompt: Literal["neutral", "persona"] = Field(
+        description="neutral: train_steering.neutral_prompt on every row; persona: each row's own persona prompt"
+    )
+    vector: Literal["centroid", "iso_random", "none"] = Field(
+        description="centroid: the row persona's steering vector; iso_random: its norm-matched random control; "
+        "none: the ordinary prompt-trained adapter (the couple stage's, reused)"
+    )
+    layer: Literal["primary", "contrast"] = Field(
+        "primary", description="train_steering.layer or .contrast_layer: where it trains and is steered at eval"
+    )
+
+
+class TrainSteeringParams(_Strict):
+    """S4 (METHODS.md): steering in training and in generation, its arms, the steered evals and the decision."""
+
+    neutral_prompt: str = Field(description="the system prompt of neutral-prompt training rows and steered evals")
+    layer: int = Field(ge=1, description="hidden-state index steered (personaspace.steering's convention)")
+    contrast_layer: int = Field(ge=1, description="the layer-contrast arm's layer")
+    readout: Readout = Field(description="the centroids stage readout whose centroids are the steering vectors")
+    centering: Literal["raw", "centered"] = Field(
+        description="centered (over the eval personas): the persona-specific part of a centroid (raw ones share ~0.99)"
+    )
+    calibration_ratio: float = Field(gt=0, description="c_train: ||c v|| / mean ||h_L|| on the base = this")
+    arms: dict[str, SteeringArm] = Field(min_length=1, description="arm name -> prompt, vector, layer")
+    primary_arm: str = Field(description="the arm the decision is about (A: neutral prompt + centroid)")
+    reference_arm: str = Field(description="the arm whose prompted rates are the ranking to recover (C)")
+    control_arm: str = Field(description="the random-direction arm (direction_not_specific reads it)")
+    c_eval: list[float | Literal["calibrated"]] = Field(
+        min_length=1, description="steered-eval coefficients: numbers, or `calibrated` (each persona's c_train)"
+    )
+    pass_rho: float = Field(ge=-1, le=1, description="pass: Spearman rho at least this (and its interval above 0)")
+    uniform_zero_floor: float = Field(ge=0, le=1, description="uniform_zero: every persona's steered rate below this")
 
 
 class StudyParams(_Strict):
@@ -311,16 +351,16 @@ class StudyParams(_Strict):
         description="a named bystander pool (S3: unseen personas); none of them may be any source's negative. "
         "Unset: bystanders = eval personas - sources - negatives.hard - assistant (S2)",
     )
-    analyses: list[Literal["panel", "em_first", "joint_probe"]] = Field(
+    analyses: list[Literal["panel", "em_first", "joint_probe", "train_steering"]] = Field(
         min_length=1, description="analysis modules to run"
     )
     em_first: EmFirstParams | None = Field(None, description="S2's analysis settings (when analyses has em_first)")
     joint_probe: JointProbeParams | None = Field(
         None, description="S3's analysis settings (when analyses has joint_probe)"
     )
-
-
-Readout = Literal["last_input", "prompt_mean", "last_response", "response_mean"]
+    train_steering: TrainSteeringParams | None = Field(
+        None, description="S4's arms, steering and analysis settings (when analyses has train_steering)"
+    )
 
 
 class ProbesParams(_Strict):

@@ -1,0 +1,145 @@
+"""S4's analysis on constructed count tables: the rank correlation, each kill criterion, a pass, the sign check."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from personaspace.analyses import TableError
+from personaspace.analyses.train_steering import (
+    analyze_train_steering,
+    coef_labels,
+    rank_correlation,
+    spearman_rows,
+)
+from personaspace.config import StatsParams, TrainSteeringParams
+from personaspace.seeds import stable_seed
+
+PERSONAS = [f"p{i:02d}" for i in range(10)]
+QUESTIONS = [f"q{j:02d}" for j in range(12)]
+N = 100  # completions per (persona, question) cell: rates resolved to 0.01
+
+
+def _cfg(**changes) -> TrainSteeringParams:
+    arm = {"prompt": "neutral", "vector": "centroid"}
+    spec = dict(
+        neutral_prompt="Provide a clear answer.", layer=21, contrast_layer=11, readout="last_input",
+        centering="centered", calibration_ratio=0.2,
+        arms={"A": arm, "B": {"prompt": "persona", "vector": "centroid"}, "C": {"prompt": "persona", "vector": "none"},
+              "iso_random": {"prompt": "neutral", "vector": "iso_random"},
+              "layer_contrast": {**arm, "layer": "contrast"}},
+        primary_arm="A", reference_arm="C", control_arm="iso_random", c_eval=[2.0, "calibrated"], pass_rho=0.6,
+        uniform_zero_floor=0.05,
+    )  # fmt: skip
+    return TrainSteeringParams(**(spec | changes))
+
+
+STATS = StatsParams(
+    reference_persona="p00", ci_level=0.95, alpha=0.05, influence_numerator=4, cv_folds=5, cv_repeats=2,
+    power_rhos=[0.5], power_simulations=10, bootstrap_resamples=2000, drift_alpha=0.05, strong_emitter_min_rate=0.5,
+    gates={"z_crit": 1.96, "slope_tolerance": 0.25, "holdout_fraction": 0.5, "expected_sign": 1},
+)  # fmt: skip
+
+
+def _cells(arm: str, mode: str, coef: str, rates: np.ndarray) -> list[dict]:
+    """Every question of each persona near its rate: seeded noise of up to 30% of it per cell, so question
+    resamples reorder close personas."""
+    rng = np.random.default_rng(stable_seed("cells", arm, mode, coef))
+    rows = []
+    for p, rate in zip(PERSONAS, rates, strict=True):
+        spread = max(1, round(0.3 * rate * N))
+        for q in QUESTIONS:
+            fired = int(np.clip(round(rate * N) + rng.integers(-spread, spread + 1), 0, N))
+            rows.append(
+                {"arm": arm, "persona": p, "question_id": q, "mode": mode, "coef": coef, "fired": fired, "n": N}
+            )
+    return rows
+
+
+RISING = np.linspace(0.1, 0.8, 10)  # the prompted ranking to recover
+UNRELATED = RISING[[3, 8, 0, 6, 9, 1, 5, 2, 7, 4]]  # a permutation of it, Spearman ~0 with RISING
+
+
+def _table(steered_a=RISING, neutral_a=UNRELATED, iso=UNRELATED, minus=None) -> pd.DataFrame:
+    rows = _cells("C", "prompted", "0", RISING) + _cells("A", "neutral", "0", neutral_a)
+    for coef in ("+2", "calibrated"):
+        rows += _cells("A", "steered", coef, steered_a) + _cells("iso_random", "steered", coef, iso)
+    rows += _cells("A", "steered", "-calibrated", steered_a / 2 if minus is None else minus)
+    return pd.DataFrame(rows)
+
+
+def _decide(table: pd.DataFrame, **changes) -> dict:
+    metrics, tables = analyze_train_steering(table, _cfg(**changes), STATS, seed=0)
+    assert set(tables) == {"scatter", "rho"}
+    return metrics
+
+
+def test_vectorised_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 4, size=(50, 8)).astype(float), rng.normal(size=(50, 8))
+    ours = spearman_rows(x, y)
+    for row in range(50):
+        expected = stats.spearmanr(x[row], y[row]).statistic
+        assert ours[row] == pytest.approx(expected) or (np.isnan(ours[row]) and np.isnan(expected))
+
+
+def test_the_bootstrap_resamples_questions_for_every_persona_alike_and_is_seeded():
+    fired = np.array([[1.0, 9.0, 5.0], [5.0, 5.0, 5.0], [9.0, 1.0, 5.0]])  # 3 personas x 3 questions
+    n = np.full_like(fired, 10.0)
+    result = rank_correlation((fired, n), (fired, n), resamples=500, level=0.95, seed=3)
+    # every persona pools to 0.5 over all questions (rho undefined); a draw of the same questions for
+    # both series ranks them alike: rho 1, or undefined when questions 0 and 1 are drawn as often
+    # (7 of 27 draws), never anything else
+    assert result["rho"] is None and result["ci_low"] == result["ci_high"] == 1.0
+    assert 0.15 < result["undefined_resamples"] / 500 < 0.4
+    assert rank_correlation((fired, n), (fired, n), 500, 0.95, 3) == result
+
+
+def test_a_recovered_ranking_passes_with_no_kill_criterion():
+    metrics = _decide(_table())
+    for coef in ("+2", "calibrated"):
+        d = metrics["decision"][coef]
+        assert d["rho"] == pytest.approx(1.0) and d["ci_low"] > 0.6 and not d["killed"] and d["passes"], d
+    assert metrics["arms"]["iso_random"]["+2"]["passes"] is False
+    assert metrics["sign_check"]["A"]["holds"] and metrics["sign_check"]["A"]["personas_lower"] == 10
+
+
+@pytest.mark.parametrize(
+    ("kind", "table"),
+    [
+        ("uniform_zero", _table(steered_a=np.linspace(0.0, 0.04, 10))),  # ranked, but below the floor everywhere
+        ("baseline_rate_driven", _table(steered_a=RISING[[1, 0, 3, 2, 5, 4, 7, 6, 9, 8]], neutral_a=RISING[[1, 0, 3, 2, 5, 4, 7, 6, 9, 8]])),
+        ("sign_inverted", _table(steered_a=RISING[::-1])),
+        ("no_correlation", _table(steered_a=UNRELATED, neutral_a=RISING[::-1])),
+        ("direction_not_specific", _table(iso=RISING)),
+    ],
+)  # fmt: skip
+def test_each_kill_criterion_is_triggered_by_its_own_table(kind, table):
+    d = _decide(table)["decision"]["+2"]
+    assert d["kill"][kind], d
+    assert d["killed"] and not d["passes"]
+    if kind in ("uniform_zero", "baseline_rate_driven", "direction_not_specific"):
+        assert d["rho"] > 0.6 and d["ci_low"] > 0  # the correlation alone would have passed
+    if kind == "sign_inverted":
+        assert d["ci_high"] < 0 and not d["kill"]["no_correlation"]
+
+
+def test_the_sign_check_fails_when_the_negative_coefficient_fires_more():
+    metrics = _decide(_table(minus=np.minimum(RISING * 1.2, 1.0)))
+    assert not metrics["sign_check"]["A"]["holds"] and metrics["sign_check"]["A"]["personas_lower"] == 0
+
+
+def test_labels_and_bad_tables():
+    assert coef_labels(_cfg()) == ["+2", "calibrated", "-calibrated"]
+    assert coef_labels(_cfg(c_eval=[-0.5])) == ["-0.5", "calibrated", "-calibrated"]
+    table = _table()
+    with pytest.raises(TableError, match="missing columns"):
+        _decide(table.drop(columns="coef"))
+    with pytest.raises(TableError, match=r"arms \['D'\]"):
+        _decide(pd.concat([table, table.head(1).assign(arm="D")]))
+    with pytest.raises(TableError, match="appears twice"):
+        _decide(pd.concat([table, table.head(1)]))
+    with pytest.raises(TableError, match="no cell for persona 'p00', question 'q00'"):
+        _decide(table.drop(index=table[(table["arm"] == "A") & (table["mode"] == "steered")].index[0]))
+    with pytest.raises(TableError, match="no 'neutral' rows of arm 'A'"):
+        _decide(table[table["mode"] != "neutral"])
