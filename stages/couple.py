@@ -28,7 +28,6 @@ from personaspace.distributed import finish, launch, output_path
 from personaspace.io import json_text
 from personaspace.models import load_tokenizer
 from personaspace.steering import TrainingSteering
-from personaspace.study import StudyError, check_train_steering
 from personaspace.tracking import log_history, register_adapter, stage_run
 from personaspace.train import tokenize_marker_dataset, train_adapter
 
@@ -40,10 +39,9 @@ def registered_name(condition: str, recipe: str, source: str, arm: str | None = 
 
 def arm_steering(params: Params, arm: str, folder: Path) -> tuple[TrainingSteering, str | None]:
     """The training steering of an S4 arm from its condition's `steering` stage output, and its system prompt."""
-    try:
-        cfg = check_train_steering(params.study, params.seed)
-    except StudyError as exc:
-        raise ParamsError(f"study.{exc}") from exc
+    cfg = params.study.train_steering  # validated with the params (personaspace.study.check_train_steering)
+    if cfg is None:
+        raise ParamsError(f"--arm {arm!r}: study {params.study.name!r} has no train_steering section")
     if arm not in cfg.arms or cfg.arms[arm].vector == "none":
         raise ParamsError(f"--arm {arm!r} is not a steered arm of study.train_steering.arms ({list(cfg.arms)})")
     spec = cfg.arms[arm]
