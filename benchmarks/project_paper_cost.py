@@ -13,10 +13,13 @@ GPU, ``hf`` = the plain loop, both batch 256) and LoRA training of recipe A1 (``
 model load included). Completion lengths are an assumption
 (`--completion-tokens`): no Qwen answer was sampled here; the measured decode rate is for full
 batches (every row runs to the limit), so batches that thin out as rows end run slower than this.
-Start-up, model loads and merges are not counted. ``--table`` writes S1 at 12, 24 and 48 personas
-S2 and S3, now (static decode, packed training) and before (plain loop, TRL's defaults). S3's
+Start-up, model loads and merges are not counted. ``--table`` writes S1 at 12, 24 and 48 personas,
+S2, S3 and S4, now (static decode, packed training) and before (plain loop, TRL's defaults). S3's
 probes sample one answer per (base, eval persona, question) for the response readouts: counted as
-generation. Its length matching cuts rows, so its training tokens are an upper bound.
+generation. Its length matching cuts rows, so its training tokens are an upper bound. S4 adds
+its steered arms' adapters (couple_steered) to the training and its steer_eval cells (each source's
+adapters prompted, neutral and steered at every coefficient, personaspace.steered_eval) to the
+generation, at the static loop's rate (the steering hook is captured in its CUDA graphs).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from personaspace.analyses.train_steering import coef_labels
 from personaspace.cli import compose_params
 from personaspace.config import validate_params
 from personaspace.personas import load_catalog
@@ -48,7 +52,7 @@ def main() -> None:
                         help="vLLM output tok/s for the projected column: a published, not measured, figure "
                              "(Llama 3.1 8B bf16 on one H100, ~12,500 tok/s, morphllm.com/vllm-benchmarks, 2026)")  # fmt: skip
     parser.add_argument("--personas", type=int, help="panel size (default: the study's)")
-    parser.add_argument("--table", action="store_true", help="S1 at N=12/24/48, S2 and S3, both decoders")
+    parser.add_argument("--table", action="store_true", help="S1 at N=12/24/48, S2, S3, S4, both decoders")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     measured = json.loads(args.measured.read_text())
@@ -65,10 +69,11 @@ def main() -> None:
         return
     rows = []
     for label, study, personas in (("S1, N=12", "panel", 12), ("S1, N=24", "panel", 24), ("S1, N=48", "panel", 48),
-                                   ("S2 (em_first)", "em_first", None), ("S3 (joint_probe)", "joint_probe", None)):  # fmt: skip
+                                   ("S2 (em_first)", "em_first", None), ("S3 (joint_probe)", "joint_probe", None),
+                                   ("S4 (train_steering)", "train_steering", None)):  # fmt: skip
         now = project(args, study, personas, decode["static"], training["packed"])
         before = project(args, study, personas, decode["hf"], training["trl"])
-        vllm = project(args, study, personas, args.vllm_tok_s, training["packed"])
+        vllm = project(args, study, personas, args.vllm_tok_s, training["packed"], steer_tok_s=decode["static"])
         rows.append({"study": label, "hours_now": now["total_hours_one_gpu"], "hours_before": before["total_hours_one_gpu"],
                      "hours_vllm_projected": vllm["total_hours_one_gpu"],
                      "hours_by_stage_now": {k: round(v["seconds"] / 3600, 2) for k, v in now["stages"].items()}})  # fmt: skip
@@ -80,15 +85,20 @@ def main() -> None:
              "before": "plain hf decode loop, TRL's defaults (padded, checkpointing)", "rows": rows,
              "vllm_projected": f"datagen and eval at {args.vllm_tok_s:.0f} tok/s, a published third-party figure for a "
                                "similar model on one H100 (see --vllm-tok-s), not measured here (vLLM's wheel does not "
-                               "travel to the lent GPUs); training as now",
-             "not_counted": "S4 (no preset yet); the probes' forwards (under a second per base at this "
+                               "travel to the lent GPUs); training and S4's steered evals (hooks) as now",
+             "not_counted": "the probes' and the steering stage's forwards (under a second per base at this "
                             "shape, benchmarks/results/gpu_7b_h200.json); model loads and merges"}  # fmt: skip
     args.out.write_text(json.dumps(table, indent=2) + "\n")
 
 
 def project(args: argparse.Namespace, study_name: str, personas: int | None, gen_tok_s: float,
-            train_tok_s: float) -> dict:  # fmt: skip
-    """GPU-seconds per stage of one study at paper scale, from its stage graph and the throughputs."""
+            train_tok_s: float, steer_tok_s: float | None = None) -> dict:  # fmt: skip
+    """GPU-seconds per stage of one study at paper scale, from its stage graph and the throughputs.
+
+    ``steer_tok_s``: the steered evals' rate (default ``gen_tok_s``); vLLM cannot host the steering hook,
+    so its column keeps them on the static loop.
+    """
+    steer_tok_s = gen_tok_s if steer_tok_s is None else steer_tok_s
     with tempfile.TemporaryDirectory() as scratch:
         composed = Path(scratch) / "params.yaml"
         overrides = [f"study={study_name}", "scale=paper", "model=qwen2.5-7b-instruct"]
@@ -106,7 +116,7 @@ def project(args: argparse.Namespace, study_name: str, personas: int | None, gen
         for b, item in graph.pretrain.items()
     )
     couple_tokens = 0.0
-    for item in graph.couple.values():
+    for item in [*graph.couple.values(), *graph.couple_steered.values()]:
         recipe = params.recipes[str(item["recipe"])]
         negatives = len(study.negatives.hard) + study.negatives.k
         rows = params.datagen.positives + negatives * params.datagen.negatives_per_persona
@@ -117,12 +127,20 @@ def project(args: argparse.Namespace, study_name: str, personas: int | None, gen
     responses = 0
     if {"last_response", "response_mean"} & set(params.probes.readouts):
         responses = len(graph.centroids) * len(study.eval_personas) * eval_questions  # one answer per cell
+    adapters = len(graph.couple) + len(graph.couple_steered)
+    steered = 0
+    if graph.steer_eval and study.train_steering is not None:
+        cfg = study.train_steering
+        per_source = 2 + len(cfg.arms) * len(coef_labels(cfg))  # C prompted, A neutral, every arm steered
+        steered = len(graph.steer_eval) * len(study.recipes) * len(study.sources) * len(params.couple.seeds)
+        steered *= per_source * eval_questions * params.eval.samples_per_question
     stages = {
         "pretrain": {"tokens": pretrain_tokens, "seconds": pretrain_tokens / train_tok_s},
         "datagen": {"completions": datagen, "seconds": datagen * args.completion_tokens / gen_tok_s},
-        "couple": {"adapters": len(graph.couple), "tokens": couple_tokens, "seconds": couple_tokens / train_tok_s},
+        "couple": {"adapters": adapters, "tokens": couple_tokens, "seconds": couple_tokens / train_tok_s},
         "eval": {"completions": evals, "seconds": evals * args.completion_tokens / gen_tok_s},
         "centroids": {"completions": responses, "seconds": responses * args.completion_tokens / gen_tok_s},
+        "steer_eval": {"completions": steered, "seconds": steered * args.completion_tokens / steer_tok_s},
     }
     total = sum(s["seconds"] for s in stages.values())
     return {

@@ -44,6 +44,7 @@ TINY_SCALE = {
                 "negatives_per_persona": 5},
     "eval": {"user_suffix": "", "samples_per_question": 1, "max_new_tokens": 8},
 }  # fmt: skip
+TINY_S4_SOURCES = ("librarian", "villain", "comedian")
 STAGES_12 = {"check", "base", "markers@base", "eval@base", "centroids@raw", "regress@base"}
 
 
@@ -103,6 +104,12 @@ def _tiny_repo(tmp_path_factory) -> Path:
     tiny_ul = TINY["recipes"]["smol"] | {"loss": "unlikelihood", "epochs": 4}
     laptop["recipes"] = {name: tiny_ul for name in laptop["study"]["recipes"]}
     (repo / "conf/study_scale/joint_probe_tiny.yaml").write_text("# @package _global_\n" + yaml.safe_dump(laptop))
+    # S4 at the tiny scale: three of the preset's sources (two of them the clones test's adapters, reused
+    # as arm C), the steering layers at the tiny model's 2 blocks
+    s4 = {"recipes": ["smol"], "sources": list(TINY_S4_SOURCES), "train_steering": {"layer": 2, "contrast_layer": 1}}
+    (repo / "conf/study_scale/train_steering_tiny.yaml").write_text(
+        "# @package _global_\n" + yaml.safe_dump({"study": s4})
+    )
     _run([sys.executable, "-m", "personaspace.cli", "params"], repo)
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .test_pipeline import _files, _ran, _run, _tiny_repo
+from .test_pipeline import TINY_S4_SOURCES, _files, _ran, _run, _tiny_repo
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,65 @@ def test_the_joint_probe_study_runs_end_to_end(second_repo):
     adapter = json.loads((second_repo / "models/adapters/em/smol_ul2/librarian/seed0/training.json").read_text())
     assert adapter["negatives"] == 6 * 5
     assert list((second_repo / "figures/joint_probe").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_the_train_steering_study_runs_end_to_end(second_repo):
+    """S4 on the tiny model: vectors, the steered arms' adapters, the steered and prompted evals, the analysis."""
+    _run([sys.executable, "-m", "personaspace.cli", "params", "study=train_steering"], second_repo)
+    output = _run(["dvc", "repro"], second_repo)
+    ran = _ran(output)
+    steered = ["A", "B", "iso_random", "layer_contrast"]
+    expected = {f"couple_steered@base-smol-{s}-0-{arm}" for s in TINY_S4_SOURCES for arm in steered}
+    assert expected | {"steering@base", "steer_eval@base", "train_steering@train_steering"} <= ran
+    assert not any(stage.startswith(("eval@", "regress@")) for stage in ran)  # S4 reads only its own evals
+    # arm C is the ordinary adapter: the clones test's librarian and villain come from the run cache
+    assert (
+        "couple@base-smol-comedian-0" in ran
+        and not {"couple@base-smol-librarian-0", "couple@base-smol-villain-0"} & ran
+    )
+    summary = json.loads((second_repo / "data/steering/base/steering.json").read_text())
+    assert summary["layers"] == [2, 1] and summary["centering"] == "centered"
+    for persona in TINY_S4_SOURCES:
+        for layer in ("2", "1"):
+            numbers = summary["personas"][persona][layer]
+            # c_train x ||v|| = the calibration ratio x mean ||h_L||
+            ratio = numbers["coef"] * numbers["norm"] / summary["mean_hidden_norm"][layer]
+            assert ratio == pytest.approx(0.2, rel=1e-4)
+    trained = json.loads((second_repo / "models/steered/base/A/smol/librarian/seed0/training.json").read_text())
+    assert (trained["arm"], trained["steering_layer"], trained["system_prompt"]) == ("A", 2, "Provide a clear answer.")
+    contrast = json.loads(
+        (second_repo / "models/steered/base/layer_contrast/smol/villain/seed0/training.json").read_text()
+    )
+    assert contrast["steering_layer"] == 1
+    counts = pd.read_parquet(second_repo / "data/steer_eval/base/counts.parquet")
+    modes = counts.groupby(["arm", "mode"])["coef"].apply(lambda c: sorted(set(c))).to_dict()
+    coefs = ["+2", "-calibrated", "calibrated"]
+    assert modes == {("A", "neutral"): ["0"], ("A", "steered"): coefs, ("B", "steered"): coefs,
+                     ("C", "prompted"): ["0"], ("C", "steered"): coefs, ("iso_random", "steered"): coefs,
+                     ("layer_contrast", "steered"): coefs}  # fmt: skip
+    assert len(counts) == len(TINY_S4_SOURCES) * 20 * 17 and (counts["n"] == 1).all()
+    completions = pd.read_parquet(second_repo / "data/steer_eval/base/completions.parquet")
+    is_steered = completions["mode"] == "steered"
+    assert (completions.loc[is_steered, "steer_layer"] > 0).all()
+    assert (completions.loc[~is_steered, "steer_vector"] == "none").all()
+    metrics = json.loads((second_repo / "metrics/train_steering.json").read_text())
+    assert metrics["personas"] == sorted(TINY_S4_SOURCES) and set(metrics["arms"]) == {"A", "B", "C", *steered}
+    for coef in ("+2", "calibrated"):
+        decision = metrics["decision"][coef]
+        assert set(decision["kill"]) == {"uniform_zero", "baseline_rate_driven", "sign_inverted", "no_correlation",
+                                         "direction_not_specific"}  # fmt: skip
+        assert isinstance(decision["passes"], bool) and decision["control_evaluated"]
+    assert set(metrics["sign_check"]) == {"A", "B", "C", "iso_random", "layer_contrast"}
+    assert list((second_repo / "figures/train_steering").glob("*.png"))
+    # the CLI gives the stage's numbers from the stage's count table
+    again = _run([sys.executable, "-m", "personaspace.cli", "analyze", "train_steering", "--table",
+                  "data/steer_eval/base/counts.parquet", "--out", "reanalysis"], second_repo)  # fmt: skip
+    assert "c=+2" in again
+    assert json.loads((second_repo / "reanalysis/metrics.json").read_text())["decision"] == metrics["decision"]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{second_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["personaspace"], filter_string="tags.study = 'train_steering'")
+    assert {"steering", "couple", "steer_eval", "train_steering"} <= set(runs["tags.stage"])
+    assert set(runs["tags.arm"].dropna()) >= set(steered)

@@ -16,6 +16,7 @@ from personaspace.steering import (
     iso_random,
     mean_hidden_norm,
     steer,
+    steering_artifacts,
     steering_vectors,
 )
 from personaspace.train import tokenize_marker_dataset, train_adapter
@@ -88,13 +89,28 @@ def test_mean_hidden_norm_matches_a_hand_loop_over_unpadded_forwards(tiny_model_
     sequences = [
         tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Hello there, friend.", "Hi", "A b c d e f")
     ]
-    ours = mean_hidden_norm(model, sequences, layer=1, batch_size=2, pad_token_id=tokenizer.eos_token_id)
-    norms = []
+    ours = mean_hidden_norm(model, sequences, layers=[1, 2], batch_size=2, pad_token_id=tokenizer.eos_token_id)
+    norms = {1: [], 2: []}
     with torch.inference_mode():
         for ids in sequences:
-            states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
-            norms += states[1:].norm(dim=-1).tolist()  # every token but the first
-    assert ours == pytest.approx(np.mean(norms), rel=1e-5)
+            states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for layer in (1, 2):
+                norms[layer] += states[layer][0, 1:].norm(dim=-1).tolist()  # every token but the first
+    assert ours == pytest.approx([np.mean(norms[1]), np.mean(norms[2])], rel=1e-5)
+
+
+def test_steering_artifacts_calibrate_each_persona_and_layer_and_freeze_the_controls():
+    rng = np.random.default_rng(2)
+    cents = rng.normal(size=(3, 2, 16))  # personas x steering layers x hidden
+    out = steering_artifacts(["a", "b", "c"], cents, [21, 11], ["a", "b", "c"], "centered", np.array([250.0, 150.0]),
+                             0.2, 0, "base")  # fmt: skip
+    assert out["centroid"].shape == out["iso_random"].shape == (3, 2, 16)
+    np.testing.assert_allclose(np.linalg.norm(out["iso_random"], axis=-1), out["norm"])  # norm-matched
+    ratios = np.linalg.norm(out["coef"][..., None] * out["centroid"], axis=-1) / np.array([250.0, 150.0])
+    np.testing.assert_allclose(ratios, 0.2)  # ||c v|| / mean ||h_L|| = the target, per persona and layer
+    again = steering_artifacts(["a", "b", "c"], cents, [21, 11], ["a", "b", "c"], "centered", np.array([250.0, 150.0]),
+                               0.2, 0, "base")  # fmt: skip
+    np.testing.assert_array_equal(again["iso_random"], out["iso_random"])
 
 
 def test_a_callable_vector_is_read_at_every_forward_and_the_hook_is_removed_on_error(tiny_model_dir):

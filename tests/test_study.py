@@ -162,3 +162,48 @@ def test_every_stage_lists_the_modules_its_outputs_depend_on():
         if missing:
             problems.append(f"stage {name} imports {missing} but does not list them in its deps")
     assert not problems, "\n".join(problems)
+
+
+def test_train_steering_reuses_s1s_adapters_as_arm_c_and_adds_the_steered_arms(tmp_path, params):
+    s4 = _params(tmp_path, "study=train_steering")
+    cfg = s4.study.train_steering
+    assert (cfg.layer, cfg.contrast_layer) == (21, 11)  # the seed's 20 and 10 of 28 blocks, scaled to 30
+    preset = yaml.safe_load((REPO / "conf/study/train_steering.yaml").read_text())
+    assert len(preset["sources"]) == 10 and {"helpful_assistant", "model_default"}.isdisjoint(preset["sources"])
+    assert len(s4.study.sources) == 5 and set(s4.study.sources) < set(preset["sources"])  # the laptop's five
+    # arm C is S1's adapter: the same stage item, so DVC serves it from the cache, never retrains it
+    for key, item in s4.graph.couple.items():
+        assert params.graph.couple[key] == item
+    assert s4.datagen == params.datagen and s4.recipes == params.recipes
+    assert len(s4.graph.couple_steered) == 5 * 4  # A, B, iso_random, layer_contrast
+    assert s4.graph.couple_steered["base-smol-villain-0-A"]["arm"] == "A"
+    assert s4.graph.eval == {} and s4.graph.centroids == ["raw"] and set(s4.graph.steer_eval) == {"base"}
+
+
+def test_train_steering_at_paper_scale_is_the_seeds_design_on_s1s_paper_data(tmp_path):
+    paper = ["scale=paper", "model=qwen2.5-7b-instruct"]
+    s4, s1 = _params(tmp_path / "s4", "study=train_steering", *paper), _params(tmp_path / "s1", *paper)
+    cfg = s4.study.train_steering
+    assert (cfg.layer, cfg.contrast_layer, s4.study.recipes, len(s4.study.sources)) == (20, 10, ["a1"], 10)
+    assert (s4.eval.samples_per_question, s4.eval.max_new_tokens) == (5, 2048)
+    assert s4.datagen == s1.datagen  # A1's data: arm C is S1's paper adapter
+    for key, item in s4.graph.couple.items():
+        assert s1.graph.couple[key] == item
+    assert len(s4.graph.couple_steered) == 10 * 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("study.train_steering.arms.C.prompt=neutral", "arms.C: an arm without a vector is the ordinary"),
+        ("study.train_steering.primary_arm=B", "primary arm trains on the neutral prompt"),
+        ("study.eval_personas=[software_engineer,kindergarten_teacher,data_scientist,medical_doctor,librarian,"
+         "police_officer,french_person,villain,comedian,zelthari_scholar]", "have no centroid to steer with"),
+        ("probes.layers=[5,11]", "train_steering.layer: 21 is not among probes.layers"),
+    ],
+)  # fmt: skip
+def test_train_steering_contradictions_name_their_key(tmp_path, override, message):
+    from personaspace.config import ParamsError
+
+    with pytest.raises(ParamsError, match=message):
+        _params(tmp_path, "study=train_steering", override)

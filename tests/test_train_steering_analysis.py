@@ -143,3 +143,25 @@ def test_labels_and_bad_tables():
         _decide(table.drop(index=table[(table["arm"] == "A") & (table["mode"] == "steered")].index[0]))
     with pytest.raises(TableError, match="no 'neutral' rows of arm 'A'"):
         _decide(table[table["mode"] != "neutral"])
+
+
+def test_the_analyze_cli_reads_a_count_table(tmp_path, capsys):
+    """`personaspace analyze train_steering --table` under the repo's preset: the stage's numbers, the figures."""
+    import json
+    from pathlib import Path
+
+    from personaspace.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    _table().to_csv(tmp_path / "counts.csv", index=False)
+    args = ["analyze", "train_steering", "--table", str(tmp_path / "counts.csv"), "--params",
+            str(repo / "params.yaml"), "--study", str(repo / "conf/study/train_steering.yaml")]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert "c=+2: rho +" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert set(metrics["decision"]) == {"+2", "calibrated"} and metrics["decision"]["+2"]["passes"]
+    assert (tmp_path / "out/rho.csv").is_file() and list((tmp_path / "out").glob("*.png"))
+    _table().drop(columns="fired").to_csv(tmp_path / "bad.csv", index=False)
+    bad = ["analyze", "train_steering", "--table", str(tmp_path / "bad.csv"), *args[4:]]
+    assert main([*bad, "--out", str(tmp_path / "again")]) == 2
+    assert "missing columns ['fired']" in capsys.readouterr().err and not (tmp_path / "again").exists()

@@ -5,6 +5,7 @@ personaspace params [personas=24 ...]          # compose conf/ into params.yaml,
 personaspace check-params params.yaml          # every check of the pipeline's `check` stage, without running it
 personaspace analyze em_first --table T.csv --out DIR [--baseline B.csv]   # S2's analysis on per-cell counts
 personaspace analyze joint_probe --table T.csv --states raw=R.npz em=E.npz benign=B.npz --out DIR   # S3's
+personaspace analyze train_steering --table T.csv --out DIR   # S4's, on rates per (arm, persona, question, mode, coef)
 """
 
 from __future__ import annotations
@@ -234,6 +235,16 @@ def analyze_command(args: argparse.Namespace) -> int:
                 tables["--table"], tables.get("--baseline"), states, study, stats, seed
             )
             figures, line = plots.joint_probe_figures, joint_probe.summary_line(metrics)
+        elif args.study == "train_steering":
+            from functools import partial
+
+            from personaspace.analyses import train_steering
+            from personaspace.study import check_train_steering
+
+            cfg = check_train_steering(study, int(raw.get("seed", 0)))  # the study seed draws the negatives
+            metrics, plot_data = train_steering.analyze_train_steering(tables["--table"], cfg, stats, seed)
+            figures = partial(plots.train_steering_figures, pass_rho=cfg.pass_rho)
+            line = train_steering.summary_line(metrics)
         else:
             metrics, plot_data = analyze_em_first(tables["--table"], tables.get("--baseline"), study, stats, seed)
             figures, line = plots.em_first_figures, summary_line(metrics)
@@ -281,13 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     regress.add_argument("--tokenizer", help="a tokenizer folder for the BPE-Jaccard baseline (e.g. models/raw)")
     regress.add_argument("--params", type=Path, default=Path("params.yaml"), help="thresholds: its `stats` section")
     analyze = sub.add_parser(
-        "analyze", help="a study's analysis on a hand-made or published table (em_first: S2; joint_probe: S3)"
+        "analyze",
+        help="a study's analysis on a hand-made or published table (em_first: S2; joint_probe: S3; train_steering: S4)",
     )
-    analyze.add_argument("study", choices=["em_first", "joint_probe"], help="which study's analysis")
+    analyze.add_argument("study", choices=["em_first", "joint_probe", "train_steering"], help="which study's analysis")
     analyze.add_argument(
         "--table", type=Path, required=True,
         help="CSV or parquet, one row per (condition, [recipe,] persona, question_id): fired, n [, mean_tokens | "
-        "truncated]; joint_probe needs recipe",
+        "truncated]; joint_probe needs recipe; train_steering: one row per (arm, persona, question_id, mode, coef): "
+        "fired, n (data/steer_eval/<condition>/counts.parquet)",
     )  # fmt: skip
     analyze.add_argument(
         "--out", type=Path, required=True,

@@ -435,6 +435,16 @@ class StageGraph(_Strict):
     centroids: list[str] = Field(description="pretrained bases whose centroids an analysis reads")
     regress: dict[str, dict[str, str]] = Field(description="condition -> pretrained base, for the panel analysis")
     em_first: dict[str, dict[str, list[str]]] = Field(description="the S2 analysis item, when the study runs it")
+    couple_steered: dict[str, dict[str, str | int]] = Field(
+        default_factory=dict, description="S4: <condition>-<recipe>-<source>-<seed>-<arm> -> the arm's training item"
+    )
+    steering: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="S4: condition -> its base and data: steering vectors and coefficients"
+    )
+    steer_eval: dict[str, dict[str, str]] = Field(default_factory=dict, description="S4: condition -> its base")
+    train_steering: dict[str, dict[str, list[str]]] = Field(
+        default_factory=dict, description="the S4 analysis item, when the study runs it"
+    )
     joint_probe: dict[str, dict[str, list[str]]] = Field(
         default_factory=dict, description="the S3 analysis item, when the study runs it"
     )
@@ -650,6 +660,8 @@ def _study_errors(p: Params, names: Callable[[str, list[str]], None]) -> list[st
         names("study.bystanders", st.bystanders)
     if "joint_probe" in st.analyses:
         errors.extend(_joint_probe_errors(p))
+    if "train_steering" in st.analyses:
+        errors.extend(_train_steering_errors(p))
     if "panel" in st.analyses and "last_input" not in p.probes.readouts:
         errors.append("probes.readouts: the panel analysis reads the last_input readout; keep it in the list")
     layers = p.probes.layers
@@ -711,6 +723,29 @@ def _joint_probe_errors(p: Params) -> list[str]:
     if cfg.readout not in p.probes.readouts:
         errors.append(
             f"study.joint_probe.readout: {cfg.readout!r} is not among probes.readouts {p.probes.readouts}; add it there"
+        )
+    return errors
+
+
+def _train_steering_errors(p: Params) -> list[str]:
+    """S4's own contradictions (one definition: personaspace.study.check_train_steering) and its layers."""
+    from personaspace.study import StudyError, check_train_steering
+
+    try:
+        cfg = check_train_steering(p.study, p.seed)
+    except StudyError as exc:
+        return [f"study.{exc}"]
+    errors = []
+    blocks = p.model_spec.architecture.get("num_hidden_layers") if p.model_spec.source == "random_init" else None
+    for key in ("layer", "contrast_layer"):
+        layer = getattr(cfg, key)
+        if p.probes.layers is not None and layer not in p.probes.layers:
+            errors.append(f"study.train_steering.{key}: {layer} is not among probes.layers {p.probes.layers}; add it")
+        if blocks is not None and layer > blocks:
+            errors.append(f"study.train_steering.{key}: {layer} is beyond the model's {blocks} blocks")
+    if cfg.readout not in p.probes.readouts:
+        errors.append(
+            f"study.train_steering.readout: {cfg.readout!r} is not among probes.readouts {p.probes.readouts}; add it"
         )
     return errors
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,46 @@ class CellStore:
             self._table = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key")
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """The cells of one (adapter, persona) under one prompt and steering: every eval question x sample.
+
+    ``adapter`` is the adapter's stable id (it seeds the cells; a job's modes share seeds), ``path``
+    its folder (None: the base model), ``fingerprint`` that of base + adapter. ``neutral_prompt``
+    replaces the persona's system message; ``labels`` are extra id columns of its cells (S4: arm,
+    mode, coef).
+    """
+
+    adapter: str
+    path: Path | None
+    fingerprint: str
+    persona: str
+    neutral_prompt: str | None = None
+    steering: Steering | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
 def evaluate_cells(
     generator: Generator,
     catalog: Catalog,
     personas: Sequence[str],
     adapters: Mapping[str, tuple[Path | None, str]],
+    **kwargs: Any,
+) -> tuple[pd.DataFrame, int]:
+    """Every (adapter, persona, eval question, sample) cell: cached ones read, the rest sampled and stored.
+
+    ``adapters`` maps an adapter's name (its stable id, which seeds its cells) to (its folder or None
+    for the base model, the fingerprint of base + adapter). ``kwargs`` are ``evaluate_jobs``'.
+    """
+    jobs = [EvalJob(name, path, fingerprint, persona)
+            for name, (path, fingerprint) in adapters.items() for persona in personas]  # fmt: skip
+    return evaluate_jobs(generator, catalog, jobs, **kwargs)
+
+
+def evaluate_jobs(
+    generator: Generator,
+    catalog: Catalog,
+    jobs: Sequence[EvalJob],
     *,
     condition: str,
     samples_per_question: int,
@@ -104,30 +139,36 @@ def evaluate_cells(
     study_seed: int,
     marker: str,
     store: CellStore,
+    stage: str = "eval",
 ) -> tuple[pd.DataFrame, int]:
-    """Every (adapter, persona, eval question, sample) cell: cached ones read, the rest sampled and stored.
+    """The cells of every job, in job order: cached ones read, the rest sampled and stored.
 
-    ``adapters`` maps an adapter's name (its stable id, which seeds its cells) to (its folder or None
-    for the base model, the fingerprint of base + adapter). Requests carry their adapter; each
-    adapter's new cells are stored as soon as they are sampled, so a killed eval resumes from the
-    adapters it finished.
+    Requests carry their adapter and steering; each adapter's new cells (its jobs are consecutive)
+    are stored as soon as they are sampled, so a killed eval resumes from the adapters it finished.
+    Returns the completion table (+ ``cell_key`` and the jobs' label columns) and how many were sampled.
     """
     done = store.load().set_index("cell_key")
-    wanted, new_parts = [], []
-    for name, (path, fingerprint) in adapters.items():
+    wanted, labels, new_parts = [], [], []
+    groups: dict[str, list[EvalJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.adapter, []).append(job)
+    for name, group in groups.items():
         rows: list[dict[str, Any]] = []
-        requests, new_keys = [], []
-        for persona in personas:
+        requests, new_keys, seen = [], [], set()
+        for job in group:
             persona_rows, persona_requests = persona_cells(
-                generator.tokenizer, catalog, persona, bank="eval", samples_per_question=samples_per_question,
-                user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage="eval", adapter=name,
+                generator.tokenizer, catalog, job.persona, bank="eval", samples_per_question=samples_per_question,
+                user_suffix=user_suffix, study_seed=study_seed, condition=condition, stage=stage, adapter=name,
+                neutral_prompt=job.neutral_prompt, steering=job.steering,
             )  # fmt: skip
             for row, request in zip(persona_rows, persona_requests, strict=True):
-                key = cell_key(row, sampling, fingerprint, generator.sampler, request.steering)
+                key = cell_key(row, sampling, job.fingerprint, generator.sampler, request.steering)
                 wanted.append(key)
-                if key not in done.index:
+                labels.append(dict(job.labels))
+                if key not in done.index and key not in seen:  # two jobs may name one cell (equal coefs)
+                    seen.add(key)
                     rows.append(row)
-                    requests.append(replace(request, adapter=None if path is None else str(path)))
+                    requests.append(replace(request, adapter=None if job.path is None else str(job.path)))
                     new_keys.append(key)
         if rows:
             new = complete_cells(generator, rows, requests, sampling, marker)
@@ -136,8 +177,9 @@ def evaluate_cells(
             new_parts.append(new)
     parts = [part for part in (done.reset_index(), *new_parts) if not part.empty]
     everything = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key").set_index("cell_key")
-    table = typed_completions(everything.loc[wanted].reset_index())
-    return table[[*COMPLETION_COLUMNS, "cell_key"]], sum(len(part) for part in new_parts)
+    table = typed_completions(everything.loc[wanted].reset_index())[[*COMPLETION_COLUMNS, "cell_key"]]
+    extra = pd.DataFrame(labels, index=table.index)
+    return pd.concat([table, extra], axis=1), sum(len(part) for part in new_parts)
 
 
 def rate_matrix(completions: pd.DataFrame, level: float) -> pd.DataFrame:

@@ -240,6 +240,50 @@ def joint_probe_figures(tables: dict[str, pd.DataFrame], folder: Path) -> list[P
     return paths + rates_by_condition_and_recipe(tables["bystander_rates"], folder / "bystander_rates")
 
 
+def steered_vs_prompted(table: pd.DataFrame, stem: Path) -> list[Path]:
+    """S4: each persona's steered fire rate against its prompted rate (arm C), one panel per arm, one colour per coef."""
+    arms = list(dict.fromkeys(table["arm"]))
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3.4), squeeze=False, sharey=True)
+    for ax, arm in zip(axes[0], arms, strict=True):
+        part = table[table["arm"] == arm]
+        for i, (coef, group) in enumerate(part.groupby("coef", sort=False)):
+            ax.scatter(group["prompted_rate"], group["steered_rate"], color=f"C{i}", label=f"c = {coef}", s=18)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.6)
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"arm {arm}")
+        ax.set_xlabel("prompted rate (arm C)")
+    axes[0][0].set_ylabel("steered rate (neutral prompt)")
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, stem)
+
+
+def rho_by_arm(table: pd.DataFrame, stem: Path, pass_rho: float) -> list[Path]:
+    """S4: Spearman rho (steered vs prompted) with its interval per arm and coef; the pass threshold marked."""
+    labels = [f"{a} / c = {c}" for a, c in zip(table["arm"], table["coef"], strict=True)]
+    y = np.arange(len(table))
+    rho = pd.to_numeric(table["rho"], errors="coerce")
+    low, high = pd.to_numeric(table["ci_low"], errors="coerce"), pd.to_numeric(table["ci_high"], errors="coerce")
+    fig, ax = plt.subplots(figsize=(5.5, 0.35 * len(table) + 1.5))
+    ax.errorbar(rho, y, xerr=[(rho - low).fillna(0), (high - rho).fillna(0)], fmt="o", capsize=3)
+    ax.axvline(0, color="black", lw=0.5)
+    ax.axvline(pass_rho, color="C3", lw=0.8, ls="--", label=f"pass: rho >= {pass_rho}")
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Spearman rho across personas (question-bootstrap interval)")
+    ax.legend(fontsize=7)
+    return _save(fig, stem)
+
+
+def train_steering_figures(tables: dict[str, pd.DataFrame], folder: Path, pass_rho: float = 0.6) -> list[Path]:
+    """S4's figures from ``analyze_train_steering``'s plot tables (the stage and `personaspace analyze` share it)."""
+    folder = Path(folder)
+    return steered_vs_prompted(tables["scatter"], folder / "steered_vs_prompted") + rho_by_arm(
+        tables["rho"], folder / "rho_by_arm", pass_rho
+    )
+
+
 def write_analysis_outputs(
     tables: dict[str, pd.DataFrame], plots_folder: Path, figures_folder: Path, figures: Callable[..., list[Path]]
 ) -> None:

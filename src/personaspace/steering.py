@@ -149,20 +149,20 @@ def calibrated_coef(vector_norm: float, hidden_norm: float, ratio: float) -> flo
 def mean_hidden_norm(
     model: Any,
     sequences: Sequence[Sequence[int]],
-    layer: int,
+    layers: Sequence[int],
     batch_size: int,
     pad_token_id: int,
     progress: Callable[[int], None] | None = None,
-) -> float:
-    """Mean ||hidden_states[layer]|| over every token of ``sequences`` but each one's first.
+) -> np.ndarray:
+    """Mean ||hidden_states[k]|| over every token of ``sequences`` but each one's first, for each k of ``layers``.
 
-    The first position is left out: it is an attention sink whose state is tens of times the norm
-    of the rest on these models, and no answer depends on steering it. Sequences are left-padded in
-    batches; padding is masked out.
+    The first position is left out: it is an attention sink whose state is about 100 times the norm
+    of the rest on these models (SmolLM2 at layer 21: ~25,000 against ~250), and no answer depends
+    on steering it. Sequences are left-padded in batches; padding is masked out.
     """
     import torch
 
-    total, count = 0.0, 0
+    total, count = np.zeros(len(layers)), 0
     with torch.inference_mode():
         for start in range(0, len(sequences), batch_size):
             rows = [list(ids) for ids in sequences[start : start + batch_size]]
@@ -170,13 +170,40 @@ def mean_hidden_norm(
             ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
             hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
-            state = hidden.hidden_states[layer].float()
             keep = mask.clone()
             keep[torch.arange(len(rows)), width - torch.tensor([len(r) for r in rows])] = 0  # each first token
-            total += float((state.norm(dim=-1) * keep).sum())
+            for i, layer in enumerate(layers):
+                total[i] += float((hidden.hidden_states[layer].float().norm(dim=-1) * keep).sum())
             count += int(keep.sum())
             if progress:
                 progress(len(rows))
     if not count:
         raise ValueError("no token to measure: every sequence has a single token")
     return total / count
+
+
+def steering_artifacts(
+    order: Sequence[str],
+    centroid: np.ndarray,
+    layers: Sequence[int],
+    bank: Sequence[str],
+    centering: str,
+    hidden_norm: np.ndarray,
+    ratio: float,
+    *stable_ids: object,
+) -> dict[str, Any]:
+    """Per persona (``order``) and steering layer: the vector, its iso-random control, their norm and c_train.
+
+    ``centroid`` is (personas, len(layers), hidden), the centroids at ``layers``; ``hidden_norm`` the
+    base's mean ||h|| at each. The controls are seeded by ``stable_ids``, the persona and the layer.
+    """
+    vectors, norms = steering_vectors(order, centroid, centering, bank)
+    hidden_size = centroid.shape[-1]
+    controls = np.stack([
+        np.stack([iso_random(norms[i, j], hidden_size, *stable_ids, persona, layer) for j, layer in enumerate(layers)])
+        for i, persona in enumerate(order)
+    ])  # fmt: skip
+    coefs = np.array([[calibrated_coef(norms[i, j], hidden_norm[j], ratio) for j in range(len(layers))]
+                      for i in range(len(order))])  # fmt: skip
+    return {"personas": list(order), "layers": list(layers), "centroid": vectors, "iso_random": controls,
+            "norm": norms, "coef": coefs, "hidden_norm": np.asarray(hidden_norm, dtype=float)}  # fmt: skip

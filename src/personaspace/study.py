@@ -23,9 +23,10 @@ import numpy as np
 from personaspace.seeds import stable_seed
 
 if TYPE_CHECKING:  # config imports this module (its cross-checks call check_em_first)
-    from personaspace.config import EmFirstParams, JointProbeParams, StudyParams
+    from personaspace.config import EmFirstParams, JointProbeParams, StudyParams, TrainSteeringParams
 
-GEOMETRIC = {"panel", "joint_probe"}  # the analyses that read persona centroids (the centroids stage)
+GEOMETRIC = {"panel", "joint_probe", "train_steering"}  # the analyses that read persona centroids (centroids stage)
+PLAIN_EVAL = {"panel", "em_first", "joint_probe"}  # the analyses that read the eval stage (adapters x eval personas)
 RAW = "raw"  # the pretrained base that is the instruct model itself (models/raw, the base stage's output)
 BASELINE = "none"  # the eval item of a condition's base with no adapter: the pre-coupling false-positive baseline
 
@@ -164,6 +165,45 @@ def check_joint_probe(study: StudyParams, study_seed: int) -> tuple[Roles, Joint
     return study_roles(study, study_seed), cfg
 
 
+def check_train_steering(study: StudyParams, study_seed: int) -> TrainSteeringParams:
+    """The S4 settings of ``study``; raises StudyError naming the key of a contradiction."""
+    cfg = study.train_steering
+    if cfg is None:
+        raise StudyError("train_steering: missing; the preset needs a train_steering section (arms, layer, ...)")
+    for key in ("primary_arm", "reference_arm", "control_arm"):
+        if getattr(cfg, key) not in cfg.arms:
+            raise StudyError(f"train_steering.{key}: {getattr(cfg, key)!r} is not an arm ({list(cfg.arms)})")
+    for name, arm in cfg.arms.items():
+        if arm.vector == "none" and arm.prompt != "persona":
+            raise StudyError(
+                f"train_steering.arms.{name}: an arm without a vector is the ordinary prompt-trained adapter; "
+                "its prompt is `persona`"
+            )
+    reference, primary = cfg.arms[cfg.reference_arm], cfg.arms[cfg.primary_arm]
+    if reference.vector != "none":
+        raise StudyError("train_steering.reference_arm: the prompted reference is the ordinary adapter (vector: none)")
+    if primary.vector == "none" or primary.prompt != "neutral":
+        raise StudyError("train_steering.primary_arm: the primary arm trains on the neutral prompt with a vector")
+    if cfg.arms[cfg.control_arm].vector != "iso_random":
+        raise StudyError("train_steering.control_arm: the control arm steers with the iso_random vector")
+    if len(study.conditions) != 1:
+        raise StudyError(f"conditions: S4 trains on one condition's base, not {len(study.conditions)}")
+    trained = data_personas(study.sources, study.negatives.model_dump(), study_seed)
+    without = [p for p in trained if p not in study.eval_personas]
+    if without:
+        raise StudyError(
+            f"eval_personas: {without} train (as sources or negatives) but have no centroid to steer with; "
+            "add them to eval_personas or draw negatives from the sources (negatives.pool)"
+        )
+    return cfg
+
+
+def steered_arms(study: Mapping[str, Any]) -> list[str]:
+    """The arms of an S4 study that train with a vector (their adapters are the couple_steered stage's)."""
+    cfg = study.get("train_steering") or {}
+    return [name for name, arm in (cfg.get("arms") or {}).items() if arm.get("vector", "none") != "none"]
+
+
 def stage_graph(
     study: Mapping[str, Any], pretrain: Mapping[str, Any], seeds: Sequence[int], study_seed: int
 ) -> dict[str, Any]:
@@ -177,6 +217,7 @@ def stage_graph(
 
     personas = data_personas(study["sources"], study["negatives"], study_seed)
     analyses = set(study["analyses"])
+    steering = "train_steering" in analyses
     return {
         "pretrain": {b: {"recipe": pretrain[b]["recipe"]} for b in bases if b in pretrain},
         "datagen": {
@@ -192,7 +233,21 @@ def stage_graph(
             for s in study["sources"]
             for seed in seeds
         },
-        "eval": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())},
+        "couple_steered": {
+            f"{c}-{r}-{s}-{seed}-{arm}": dict(
+                condition=c, model=spec["pretrained"], data=spec["data_from"], recipe=r, source=s, seed=seed, arm=arm
+            )
+            for c, spec in sorted(conditions.items())
+            for arm in steered_arms(study)
+            for r in study["recipes"]
+            for s in study["sources"]
+            for seed in seeds
+        }
+        if steering
+        else {},
+        "eval": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())}
+        if analyses & PLAIN_EVAL
+        else {},
         "centroids": sorted({spec["pretrained"] for spec in conditions.values()}) if analyses & GEOMETRIC else [],
         "regress": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())}
         if "panel" in analyses
@@ -207,6 +262,15 @@ def stage_graph(
         }
         if "joint_probe" in analyses
         else {},
+        # S4: per condition, the steering vectors (its base's centroids, calibrated on its data), the
+        # steered and prompted evals of every arm's adapters, then the analysis
+        "steering": {
+            c: {"model": spec["pretrained"], "data": spec["data_from"]} for c, spec in sorted(conditions.items())
+        }
+        if steering
+        else {},
+        "steer_eval": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())} if steering else {},
+        "train_steering": {"train_steering": {"conditions": sorted(conditions)}} if steering else {},
     }
 
 

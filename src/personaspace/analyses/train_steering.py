@@ -69,6 +69,13 @@ def coef_labels(cfg: TrainSteeringParams) -> list[str]:
     return list(dict.fromkeys([*labels, *SIGN_CHECK]))
 
 
+def counts_from_completions(completions: pd.DataFrame) -> pd.DataFrame:
+    """The count table from a steer_eval completions table (its arm, mode and coef columns)."""
+    keys = ["arm", "persona", "question_id", "mode", "coef"]
+    sums = completions.groupby(keys, sort=True)["fired"].agg(fired="sum", n="size").reset_index()
+    return sums.astype({"fired": "int64", "n": "int64"})
+
+
 def validate_counts(table: pd.DataFrame, cfg: TrainSteeringParams) -> pd.DataFrame:
     """The count table's contract; a clean copy (``coef`` as text), or TableError naming the key."""
     if not isinstance(table, pd.DataFrame):
