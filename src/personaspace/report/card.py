@@ -1,0 +1,123 @@
+"""The reproducibility card of a report: commit, params, input hashes, packages, hardware, stage times, command.
+
+Read at report time from git, dvc.lock, the installed packages, the machine and the MLflow database;
+every field has a value (a field that cannot be known says why, never blank).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGES = ("personaspace", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy", "pandas",
+            "scipy", "statsmodels", "pingouin", "matplotlib", "dvc", "mlflow")  # fmt: skip
+
+
+def git_state(root: Path, written: Iterable[str] = ("dvc.lock", "metrics/", "plots/")) -> dict[str, str]:
+    """The commit HEAD points at and whether tracked files differ from it. Files the pipeline itself writes
+    (``written``: dvc.lock and the git-tracked metrics and plot tables) are listed apart: during `dvc repro`
+    they differ by design, while a changed source or params file means the run is not the commit's."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return {"commit": f"unknown (git failed: {exc})", "dirty": "unknown"}
+    changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+    own = [f for f in changed if any(f == w or f.startswith(w) for w in written)]
+    other = [f for f in changed if f not in own]
+    if other:
+        dirty = f"yes: {len(other)} tracked source/params files differ from the commit ({', '.join(other[:5])})"
+    else:
+        dirty = "no" + (f" (only pipeline-written files differ: {', '.join(own[:5])})" if own else "")
+    return {"commit": commit.stdout.strip(), "dirty": dirty}
+
+
+def input_hashes(lock: Mapping[str, Any], paths: Iterable[str]) -> dict[str, str]:
+    """dvc.lock's md5 of each input path: from the stage that wrote it (its outs), else from any stage's deps."""
+    outs: dict[str, str] = {}
+    deps: dict[str, str] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for entry in stage.get("outs") or []:
+            outs[entry["path"]] = entry.get("md5", "")
+        for entry in stage.get("deps") or []:
+            deps.setdefault(entry["path"], entry.get("md5", ""))
+    found = {}
+    for path in paths:
+        md5 = outs.get(path) or deps.get(path)
+        found[path] = md5 or "not in dvc.lock (run `dvc repro` to record it)"
+    return found
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
+    """Installed versions (``not installed`` where a package is absent)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def hardware() -> dict[str, str]:
+    """The machine: platform, CPU, cores, memory and any CUDA devices torch sees."""
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cores": str(os.cpu_count())}  # fmt: skip
+    try:
+        import psutil
+
+        info["memory"] = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
+    except ImportError:  # psutil is a dependency of the project; kept optional here
+        info["memory"] = "unknown (psutil not installed)"
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["gpus"] = ", ".join(gpus) if gpus else "none"
+    return info
+
+
+def stage_seconds(tracking_uri: str, study: str, stages: Iterable[str]) -> dict[str, str]:
+    """Wall time of each DVC stage's newest MLflow run of this study; a stage DVC restored from its cache ran
+    no process here, so it has no run: said so."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    wanted = list(stages)
+    experiment = mlflow.get_experiment_by_name("personaspace")
+    found: dict[str, str] = {}
+    if experiment is not None:
+        runs = MlflowClient().search_runs(
+            [experiment.experiment_id], filter_string=f"tags.study = '{study}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=5000,
+        )  # fmt: skip
+        for run in runs:
+            name = run.data.tags.get("dvc_stage")
+            if name in wanted and name not in found and run.info.end_time:
+                found[name] = f"{(run.info.end_time - run.info.start_time) / 1000:.1f} s"
+    return {s: found.get(s, "no run recorded (restored from DVC's cache, or run before tracking)") for s in wanted}
+
+
+def reproduce_command(params: Mapping[str, Any], commit: str) -> str:
+    """The shell commands that rebuild this report from a clone: the commit, then the study's experiment."""
+    overrides = [f"-S study={params['study']['name']}", f"-S scale={params['scale']}",
+                 f"-S personas={params['personas']}", f"-S model={params['model']}"]  # fmt: skip
+    return f"git checkout {commit} && make setup && .venv/bin/dvc exp run " + " ".join(overrides)
+
+
+def study_params_yaml(params: Mapping[str, Any]) -> str:
+    """The params that define the study (design, sizes, recipes used, model), as YAML."""
+    study = params["study"]
+    keep = {"seed": params["seed"], "model": params["model"], "scale": params["scale"],
+            "personas": params["personas"], "marker": params["marker"], "study": study,
+            "recipes": {r: params["recipes"][r] for r in study["recipes"]}, "datagen": params["datagen"],
+            "eval": params["eval"], "couple": params["couple"], "probes": params["probes"]}  # fmt: skip
+    return yaml.safe_dump(keep, sort_keys=False, allow_unicode=True)
