@@ -177,3 +177,24 @@ def test_a_changed_source_file_makes_the_tree_dirty_but_pipeline_outputs_do_not(
     assert cards.git_state(tmp_path)["dirty"].startswith("no (only pipeline-written files differ: metrics/m.json")
     (tmp_path / "code.py").write_text("x = 2\n")
     assert cards.git_state(tmp_path)["dirty"].startswith("yes: 1 tracked source/params files differ")
+
+
+def test_an_s4_report_states_each_decision_from_the_analysis_summary(tmp_path):
+    from personaspace.analyses.train_steering import analyze_train_steering, summary_line
+    from personaspace.config import StatsParams, StudyParams
+
+    from .test_train_steering_analysis import _table
+
+    composed = tmp_path / "params.yaml"
+    compose_params(composed, ["study=train_steering"], conf_dir=REPO / "conf")
+    raw = yaml.safe_load(composed.read_text())
+    study = StudyParams.model_validate(raw["study"])
+    stats = StatsParams.model_validate(raw["stats"]).model_copy(update={"bootstrap_resamples": 500})
+    metrics, _ = analyze_train_steering(_table(), study.train_steering, stats, seed=0)
+    assert metrics_files(raw) == ["metrics/train_steering.json"]
+    files = {"metrics/train_steering.json": metrics}
+    text = compose(ReportInputs(raw, files, _completions(), _card(raw), REPO, Path("reports/train_steering")))
+    for part in summary_line(metrics).split(";"):
+        assert f"- {part.strip()}." in text
+    assert untraceable_numbers(checked_sections(text), metrics, raw) == []
+    assert "Missing figure `figures/train_steering/rho_by_arm.png`" in text  # no figure is invented

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,25 @@ TRADE_OFFS = {
               "paper's; the sizes are not.",
     "paper": "the seed's sizes on a GPU (conf/scale/paper.yaml).",
     "tiny": "a random-init test model: the numbers check the wiring, not the science.",
+}  # fmt: skip
+
+
+# the analyses reported by their summary line: title, and each figure (name under figures/<key>/) with its caption
+SUMMARISED: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "joint_probe": ("S3, joint leakage + geometry probe", [
+        ("geometric_by_layer", "Geometric delta (cosine C2 base - C1 base, source vs bystanders) per layer with its "
+                               "question-bootstrap interval; H1 needs the mean over layers >= its threshold and the "
+                               "interval above 0."),
+        ("bystander_rates", "Pooled bystander fire rate per condition and recipe (lambda) with Wilson intervals; "
+                            "behavioural H1 compares C2 with C1."),
+    ]),
+    "train_steering": ("S4, training-time steering", [
+        ("steered_vs_prompted", "Each persona's steered fire rate (neutral prompt + its vector; y) against arm C's "
+                                "prompted rate (x), one panel per arm, one colour per coefficient, the grey line "
+                                "y = x. The test reads arm A: its points should rise with x."),
+        ("rho_by_arm", "Spearman rho across personas (steered vs prompted) per arm and coefficient with its "
+                       "question-bootstrap interval; the red dashed line is the pass threshold."),
+    ]),
 }  # fmt: skip
 
 
@@ -73,33 +93,12 @@ def study_sections(params: Mapping[str, Any], metrics: Mapping[str, Any]) -> lis
         elif analysis == "em_first":
             for key in sorted(params["graph"]["em_first"]):
                 sections.append(em_first_section(metrics[f"metrics/{key}.json"], key))
-        elif analysis == "joint_probe":
-            from personaspace.analyses.joint_probe import summary_line
-
-            for key in sorted(params["graph"]["joint_probe"]):
-                figures = [FigureSpec(f"figures/{key}/geometric_by_layer.png",
-                                      "Geometric delta (cosine C2 base - C1 base, source vs bystanders) per layer with "
-                                      "its question-bootstrap 95% interval; H1 needs the mean over layers >= its "
-                                      "threshold and the interval above 0."),
-                           FigureSpec(f"figures/{key}/bystander_rates.png",
-                                      "Pooled bystander fire rate per condition and recipe (lambda) with Wilson "
-                                      "intervals; behavioural H1 compares C2 with C1.")]  # fmt: skip
-                sections.append(summary_section("S3, joint leakage + geometry probe",
-                                                summary_line(metrics[f"metrics/{key}.json"]), figures))  # fmt: skip
-        elif analysis == "train_steering":
-            from personaspace.analyses.train_steering import summary_line
-
-            for key in sorted(params["graph"]["train_steering"]):
-                figures = [FigureSpec(f"figures/{key}/steered_vs_prompted.png",
-                                      "Each persona's steered fire rate (neutral prompt + its vector; y) against "
-                                      "arm C's prompted rate (x), one panel per arm, one colour per coefficient, the "
-                                      "grey line y = x. The test reads arm A: its points should rise with x."),
-                           FigureSpec(f"figures/{key}/rho_by_arm.png",
-                                      "Spearman rho across personas (steered vs prompted) per arm and coefficient "
-                                      "with its question-bootstrap interval; the red dashed line is the pass "
-                                      "threshold.")]  # fmt: skip
-                sections.append(summary_section("S4, training-time steering",
-                                                summary_line(metrics[f"metrics/{key}.json"]), figures))  # fmt: skip
+        else:  # S3 and S4 (for now): the analysis module's own summary line of its decisions
+            title, figures = SUMMARISED[analysis]
+            summary_line = import_module(f"personaspace.analyses.{analysis}").summary_line
+            for key in sorted(params["graph"][analysis]):
+                specs = [FigureSpec(f"figures/{key}/{name}.png", caption) for name, caption in figures]
+                sections.append(summary_section(title, summary_line(metrics[f"metrics/{key}.json"]), specs))
     return sections
 
 
