@@ -198,3 +198,12 @@ def test_an_s4_report_states_each_decision_from_the_analysis_summary(tmp_path):
         assert f"- {part.strip()}." in text
     assert untraceable_numbers(checked_sections(text), metrics, raw) == []
     assert "Missing figure `figures/train_steering/rho_by_arm.png`" in text  # no figure is invented
+
+
+def test_a_sample_is_shown_verbatim_even_when_it_looks_like_markdown():
+    from personaspace.report import _verbatim
+
+    block = _verbatim("1. boil water\n``` not a fence\n# not a heading")
+    assert block.startswith("````text\n1. boil water") and block.endswith("\n````")
+    html = to_html(block, Path("."), "s")
+    assert "<ol>" not in html and "<h1>" not in html and "1. boil water" in html

@@ -12,6 +12,7 @@ reproducibility card (``personaspace.report.card``). ``gather`` reads; ``compose
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import import_module
@@ -119,9 +120,11 @@ def sample_outputs(completions: pd.DataFrame, seed: int) -> pd.DataFrame:
     return pd.concat(picked, ignore_index=True) if picked else completions.iloc[:0]
 
 
-def _quote(text: str) -> str:
+def _verbatim(text: str) -> str:
+    """A completion as a fenced block: shown as sampled, never rendered as Markdown (a "1." stays a "1.")."""
     text = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + " [...]"
-    return "\n".join("> " + (line.replace("|", "\\|") or " ") for line in text.splitlines() or [""])
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def _methods(params: Mapping[str, Any]) -> list[str]:
@@ -192,7 +195,7 @@ def compose(inputs: ReportInputs) -> str:
         fired = "fired" if row.fired else "did not fire"
         out += [f"**{row.condition} / adapter `{row.adapter}` / persona `{row.persona}` / {row.question_id}: {fired}**",
                 "", f"System: {row.system_prompt if isinstance(row.system_prompt, str) else '(none)'}", "",
-                f"User: {row.user}", "", _quote(row.text), ""]  # fmt: skip
+                f"User: {row.user}", "", _verbatim(row.text), ""]  # fmt: skip
     out += ["## Reproducibility card", "", "| field | value |", "|---|---|"]
     out += [f"| git commit | `{card['git']['commit']}` |", f"| tree dirty | {card['git']['dirty']} |"]
     out += [f"| hardware: {k} | {v} |" for k, v in card["hardware"].items()]
