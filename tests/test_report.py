@@ -207,3 +207,11 @@ def test_a_sample_is_shown_verbatim_even_when_it_looks_like_markdown():
     assert block.startswith("````text\n1. boil water") and block.endswith("\n````")
     html = to_html(block, Path("."), "s")
     assert "<ol>" not in html and "<h1>" not in html and "1. boil water" in html
+
+
+def test_the_cards_stage_names_are_the_pipelines_for_these_params():
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    names = cards.stage_names(pipeline, params)
+    assert {"check", "base", "eval@base", "regress@base", "couple@base-smol-librarian-0"} <= set(names)
+    assert not any(n.startswith(("em_first@", "steer_eval@")) for n in names)  # not this study's

@@ -106,6 +106,21 @@ def stage_seconds(tracking_uri: str, study: str, stages: Iterable[str]) -> dict[
     return {s: found.get(s, "no run recorded (restored from DVC's cache, or run before tracking)") for s in wanted}
 
 
+def stage_names(pipeline: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
+    """The stages of ``pipeline`` (dvc.yaml, parsed) for these params: plain stages, and each ``foreach:
+    ${graph.<key>}`` expanded over that graph entry (dvc.lock may still hold stages of older pipelines)."""
+    names = []
+    for name, spec in (pipeline.get("stages") or {}).items():
+        loop = spec.get("foreach") if isinstance(spec, dict) else None
+        if loop is None:
+            names.append(name)
+            continue
+        key = str(loop).removeprefix("${graph.").removesuffix("}")
+        items = (params.get("graph") or {}).get(key) or []
+        names += [f"{name}@{item}" for item in items]  # a dict's keys or a list's items, as DVC names them
+    return names
+
+
 def reproduce_command(params: Mapping[str, Any], commit: str) -> str:
     """The shell commands that rebuild this report from a clone: the commit, then the study's experiment."""
     overrides = [f"-S study={params['study']['name']}", f"-S scale={params['scale']}",
