@@ -1,12 +1,12 @@
 """A study's report, written from its metrics files, tables and params: Markdown and self-contained HTML.
 
->>> inputs = gather(Path("."), params)                         # doctest: +SKIP
->>> text = compose(inputs)                                      # Markdown; to_html(text, ...) for the HTML
+>>> inputs = ReportInputs(params, metrics, completions, card, root=Path("."))   # doctest: +SKIP
+>>> text = compose(inputs)   # Markdown; render.to_html(text, ...) for the HTML   # doctest: +SKIP
 
 Sections: TL;DR (the pre-registered decisions in words, with their numbers), methods (from params,
 with what the scale preset trades away), headline numbers (value, n, interval, test), figures with
 captions, sample outputs (fired and not, per condition, drawn with a seeded RNG) and the
-reproducibility card (``personaspace.report.card``). ``gather`` reads; ``compose`` is pure.
+reproducibility card (``personaspace.report.card``). The caller reads the files; ``compose`` is pure.
 """
 
 from __future__ import annotations
