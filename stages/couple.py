@@ -20,14 +20,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from personaspace.config import Params, ParamsError, load_params
 from personaspace.distributed import finish, launch, output_path
 from personaspace.io import json_text
 from personaspace.models import load_tokenizer
-from personaspace.steering import TrainingSteering
+from personaspace.steering import SteeringVectors, TrainingSteering
 from personaspace.tracking import log_history, register_adapter, stage_run
 from personaspace.train import tokenize_marker_dataset, train_adapter
 
@@ -45,16 +44,14 @@ def arm_steering(params: Params, arm: str, folder: Path) -> tuple[TrainingSteeri
     if arm not in cfg.arms or cfg.arms[arm].vector == "none":
         raise ParamsError(f"--arm {arm!r} is not a steered arm of study.train_steering.arms ({list(cfg.arms)})")
     spec = cfg.arms[arm]
-    layer = cfg.layer if spec.layer == "primary" else cfg.contrast_layer
-    with np.load(folder / "vectors.npz") as data:
-        layers = data["layers"].tolist()
-        if layer not in layers:
-            raise ParamsError(f"{folder} has no vectors at layer {layer}; rerun `dvc repro steering`")
-        at = layers.index(layer)
-        vectors = data[spec.vector][:, at] * data["coef"][:, at, None]  # c_train x v, per persona
-        personas = tuple(data["personas"].tolist())
+    layer = cfg.layer_of(arm)
+    vectors = SteeringVectors.load(folder)
+    try:
+        scaled = vectors.scaled(spec.vector, layer)  # c_train x v, per persona
+    except ValueError as err:
+        raise ParamsError(f"{folder}: {err}") from err
     system = cfg.neutral_prompt if spec.prompt == "neutral" else None
-    return TrainingSteering(layer=layer, personas=personas, vectors=vectors), system
+    return TrainingSteering(layer=layer, personas=vectors.personas, vectors=scaled), system
 
 
 def main() -> None:

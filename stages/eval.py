@@ -47,9 +47,7 @@ def main() -> None:
     parser.add_argument("--cells", type=Path, required=True, help="cell cache (kept between runs)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument(
-        "--timings", type=Path, default=Path("metrics/timings.json"), help="wall times (not DVC-hashed)"
-    )
+    parser.add_argument("--timings", type=Path, default=Path("timings.json"), help="wall times (not DVC-hashed)")
     args = parser.parse_args()
     params = load_params(args.params)
     ev, study = params.eval, params.study

@@ -25,7 +25,8 @@ from personaspace.evaluation import CellStore, evaluate_jobs, fingerprint_dir
 from personaspace.generate import Sampling, load_generator
 from personaspace.io import atomic_path, record_timing, write_json
 from personaspace.personas import load_catalog
-from personaspace.steered_eval import SteeringVectors, eval_jobs
+from personaspace.steered_eval import eval_jobs
+from personaspace.steering import SteeringVectors
 from personaspace.study import StudyError, check_train_steering
 from personaspace.tracking import stage_run
 
@@ -41,9 +42,7 @@ def main() -> None:
     parser.add_argument("--cells", type=Path, required=True, help="cell cache (kept between runs)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument(
-        "--timings", type=Path, default=Path("metrics/timings.json"), help="wall times (not DVC-hashed)"
-    )
+    parser.add_argument("--timings", type=Path, default=Path("timings.json"), help="wall times (not DVC-hashed)")
     args = parser.parse_args()
     params = load_params(args.params)
     study, ev, gen = params.study, params.eval, params.generation

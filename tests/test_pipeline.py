@@ -166,7 +166,7 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
     assert ((rates.wilson_low <= rates.rate) & (rates.rate <= rates.wilson_high)).all()
     eval_metrics = json.loads((tiny_repo / "metrics/eval_base.json").read_text())
     assert eval_metrics["adapters"] == 12
-    assert json.loads((tiny_repo / "metrics/timings.json").read_text())["eval@base"]["generated_now"] == 13 * 12 * 20
+    assert json.loads((tiny_repo / "timings.json").read_text())["eval@base"]["generated_now"] == 13 * 12 * 20
     # the tiny model really couples: the statistics below run on real, uneven rates, 0 and high ones included
     assert eval_metrics["baseline_rate"] == 0
     assert eval_metrics["source_rate_mean"] >= 0.3
@@ -337,7 +337,7 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     per_persona = {f"datagen@base-{p}" for p in new} | {f"couple@base-smol-{p}-0" for p in new}
     assert _ran(output) == {"check", "markers@base", "eval@base", "centroids@raw", "regress@base"} | per_persona
     # eval sampled only the new cells: new adapters x 24 personas, old adapters + baseline x 12 new personas
-    run = json.loads((tiny_repo / "metrics/timings.json").read_text())["eval@base"]
+    run = json.loads((tiny_repo / "timings.json").read_text())["eval@base"]
     assert run["generated_now"] == (12 * 24 + 13 * 12) * 20
     completions_24 = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
     common = completions_24[completions_24.cell_key.isin(completions_12.cell_key)]

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from personaspace.steered_eval import SteeringVectors, coefficient, eval_jobs
+from personaspace.steered_eval import coefficient, eval_jobs
+from personaspace.steering import SteeringVectors
 
 from .test_train_steering_analysis import _cfg
 

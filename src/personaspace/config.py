@@ -333,6 +333,10 @@ class TrainSteeringParams(_Strict):
     pass_rho: float = Field(ge=-1, le=1, description="pass: Spearman rho at least this (and its interval above 0)")
     uniform_zero_floor: float = Field(ge=0, le=1, description="uniform_zero: every persona's steered rate below this")
 
+    def layer_of(self, arm: str) -> int:
+        """The layer ``arm`` trains and is steered at: ``layer``, or ``contrast_layer`` for a contrast arm."""
+        return self.layer if self.arms[arm].layer == "primary" else self.contrast_layer
+
 
 class StudyParams(_Strict):
     """A study preset (conf/study/<name>.yaml): its design, written once; sizes come from the scale."""
@@ -447,6 +451,10 @@ class StageGraph(_Strict):
     )
     joint_probe: dict[str, dict[str, list[str]]] = Field(
         default_factory=dict, description="the S3 analysis item, when the study runs it"
+    )
+    report: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="study name -> the completions folder its report samples and the analysis folder it reads",
     )
 
 

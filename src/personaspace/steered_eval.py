@@ -21,36 +21,13 @@ persona's vector at that layer. All modes of one adapter share their seeds (comm
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from personaspace.analyses.train_steering import UNSTEERED, coef_labels
 from personaspace.config import TrainSteeringParams
 from personaspace.evaluation import EvalJob
 from personaspace.generate import Steering
-
-
-@dataclass(frozen=True)
-class SteeringVectors:
-    """The `steering` stage's vectors.npz: per persona and steering layer, the vectors and c_train."""
-
-    personas: tuple[str, ...]
-    layers: tuple[int, ...]
-    arrays: Mapping[str, np.ndarray]  # centroid, iso_random: (personas, layers, hidden); coef: (personas, layers)
-
-    @classmethod
-    def load(cls, folder: Path) -> SteeringVectors:
-        with np.load(Path(folder) / "vectors.npz") as data:
-            arrays = {k: data[k] for k in ("centroid", "iso_random", "coef")}
-            return cls(tuple(data["personas"].tolist()), tuple(data["layers"].tolist()), arrays)
-
-    def vector(self, kind: str, persona: str, layer: int) -> np.ndarray:
-        return self.arrays[kind][self.personas.index(persona), self.layers.index(layer)]
-
-    def coef(self, persona: str, layer: int) -> float:
-        return float(self.arrays["coef"][self.personas.index(persona), self.layers.index(layer)])
+from personaspace.steering import SteeringVectors
 
 
 def coefficient(label: str, c_train: float) -> float:
@@ -79,7 +56,7 @@ def eval_jobs(
             jobs.append(EvalJob(**common, neutral_prompt=cfg.neutral_prompt,
                                 labels=(("arm", arm), ("mode", "neutral"), ("coef", UNSTEERED))))  # fmt: skip
         kind = "centroid" if spec.vector == "none" else spec.vector
-        layer = cfg.layer if spec.layer == "primary" else cfg.contrast_layer
+        layer = cfg.layer_of(arm)
         values = tuple(float(v) for v in vectors.vector(kind, source, layer))
         for label in coef_labels(cfg):
             steering = Steering(f"{condition}/{kind}/{source}/L{layer}", layer,

@@ -25,9 +25,10 @@ batch at every forward (``vector`` given as a callable). The vectors themselves:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -207,3 +208,33 @@ def steering_artifacts(
                       for i in range(len(order))])  # fmt: skip
     return {"personas": list(order), "layers": list(layers), "centroid": vectors, "iso_random": controls,
             "norm": norms, "coef": coefs, "hidden_norm": np.asarray(hidden_norm, dtype=float)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SteeringVectors:
+    """The `steering` stage's vectors.npz: per persona and steering layer, the vectors and c_train."""
+
+    personas: tuple[str, ...]
+    layers: tuple[int, ...]
+    arrays: Mapping[str, np.ndarray]  # centroid, iso_random: (personas, layers, hidden); coef: (personas, layers)
+
+    @classmethod
+    def load(cls, folder: Path) -> SteeringVectors:
+        with np.load(Path(folder) / "vectors.npz") as data:
+            arrays = {k: data[k] for k in ("centroid", "iso_random", "coef")}
+            return cls(tuple(data["personas"].tolist()), tuple(data["layers"].tolist()), arrays)
+
+    def vector(self, kind: str, persona: str, layer: int) -> np.ndarray:
+        return self.arrays[kind][self.personas.index(persona), self.layers.index(layer)]
+
+    def coef(self, persona: str, layer: int) -> float:
+        return float(self.arrays["coef"][self.personas.index(persona), self.layers.index(layer)])
+
+    def scaled(self, kind: str, layer: int) -> np.ndarray:
+        """c_train x v of every persona at ``layer``: (personas, hidden), the training steering of an arm."""
+        if layer not in self.layers:
+            raise ValueError(
+                f"no steering vectors at layer {layer} (have {list(self.layers)}); rerun `dvc repro steering`"
+            )
+        at = self.layers.index(layer)
+        return self.arrays[kind][:, at] * self.arrays["coef"][:, at, None]

@@ -271,6 +271,13 @@ def stage_graph(
         else {},
         "steer_eval": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())} if steering else {},
         "train_steering": {"train_steering": {"conditions": sorted(conditions)}} if steering else {},
+        # one report per study: the completions it samples from, and the analysis outputs beside metrics/
+        "report": {
+            study["name"]: {
+                "completions": "data/steer_eval" if steering else "data/eval",
+                "details": "results" if "panel" in analyses else "plots",
+            }
+        },
     }
 
 

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from personaspace.distributed import Ranks
 
 EXPERIMENT = "personaspace"
+# MLflow 3 opens an experiment without this tag on its GenAI traces overview; this value marks it as
+# model training, so the UI opens on the runs table (the values are MLflow's ExperimentKind enum)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri() -> str:
@@ -120,13 +123,43 @@ def _parent_run_id(client: Any, experiment_id: str) -> str:
     )  # fmt: skip
     if found:
         return found[0].info.run_id
-    name = os.environ.get("DVC_EXP_NAME") or command
+    name = parent_run_name(command)
     tags = {
         "personaspace_invocation": key, "personaspace_host": socket.gethostname(), "command": command,
         "stage": "invocation",
     }  # fmt: skip
     tags.update({k: v for k, v in run_tags("invocation").items() if k.startswith(("dvc_exp", "git"))})
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def _study_panel() -> tuple[str, int] | None:
+    """(study name, panel size) from the params.yaml of the DVC root (or the working directory)."""
+    import yaml
+
+    path = Path(os.environ.get("DVC_ROOT") or Path.cwd()) / "params.yaml"
+    try:
+        params = yaml.safe_load(path.read_text())
+        return str(params["study"]["name"]), int(params["personas"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def parent_run_name(command: str) -> str:
+    """``<study> · panel<N> · <DVC experiment name, else the command>``: what the runs table lines up by."""
+    label = os.environ.get("DVC_EXP_NAME") or command
+    found = _study_panel()
+    return f"{found[0]} · panel{found[1]} · {label}" if found else label
+
+
+def _experiment(client: Any) -> str:
+    """The project's experiment id, created marked as model training (see EXPERIMENT_KIND)."""
+    import mlflow
+
+    experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
+    key, kind = EXPERIMENT_KIND
+    if client.get_experiment(experiment_id).tags.get(key) != kind:
+        client.set_experiment_tag(experiment_id, key, kind)
+    return experiment_id
 
 
 def _end_dead_runs(client: Any, experiment_id: str) -> None:
@@ -214,8 +247,8 @@ def stage_run(
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
     client = MlflowClient()
+    experiment_id = _experiment(client)
     _end_dead_runs(client, experiment_id)
     parent = _parent_run_id(client, experiment_id)
     if client.get_run(parent).info.status != "FAILED":  # a failed invocation stays failed, even while it goes on
@@ -225,6 +258,12 @@ def stage_run(
     if study:
         all_tags["study"] = study
         client.set_tag(parent, "study", study)
+    found = _study_panel()
+    if found:
+        # params on the parent, so the comparison view lines studies and panels up; set once per run
+        for key, value in (("study", found[0]), ("personas", found[1])):
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                client.log_param(parent, key, str(value))
     status = "FAILED"
     with _sigterm_raises():
         run = mlflow.start_run(run_name=os.environ.get("DVC_STAGE", stage), tags=all_tags)
@@ -254,6 +293,17 @@ def log_to_parent(metrics: Mapping[str, float], params: Mapping[str, Any]) -> No
         # a param is set once per run; a second condition's regress stage logs the same value again
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.log_param(parent, key, str(value))
+
+
+def log_artifacts_to_parent(paths: Sequence[Path], artifact_path: str) -> None:
+    """Files logged on this invocation's parent run too (the study's report), under ``artifact_path``."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = _parent_run_id(client, mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+    for path in paths:
+        client.log_artifact(parent, str(path), artifact_path)
 
 
 def log_history(history: Sequence[Mapping[str, Any]], prefix: str = "train") -> None:

@@ -1,0 +1,89 @@
+"""Stage `report`: the study's report, written from its metrics files, completions and params.
+
+    python stages/report.py --completions data/eval --out reports/panel
+
+Writes `report.md` and `report.html` (self-contained: figures embedded) into `--out`, atomically,
+and logs both to the stage's MLflow run and to the invocation's parent run. Reads only what
+personaspace.report lists: the study's metrics files, its conditions' completions (under
+`--completions`), its figures, dvc.lock (the inputs' hashes), git, the installed packages, the
+machine and the MLflow database (wall time per stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from personaspace.config import ParamsError, load_params
+from personaspace.io import atomic_path
+from personaspace.report import ReportInputs, compose, metrics_files
+from personaspace.report.card import (
+    git_state,
+    hardware,
+    input_hashes,
+    package_versions,
+    reproduce_command,
+    stage_names,
+    stage_seconds,
+    study_params_yaml,
+)
+from personaspace.report.render import to_html
+from personaspace.tracking import log_artifacts_to_parent, stage_run, tracking_uri
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--completions", type=Path, required=True, help="folder of the conditions' eval outputs")
+    parser.add_argument("--out", type=Path, required=True, help="reports/<study>")
+    args = parser.parse_args()
+    load_params(args.params)  # validates; the report reads the params as plain data
+    params = yaml.safe_load(args.params.read_text())
+    root = Path.cwd()
+    files = metrics_files(params)
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise ParamsError(f"the study's analyses have not written {missing}; run `dvc repro` first")
+    metrics = {f: yaml.safe_load((root / f).read_text()) for f in files}
+    condition_key = "steer_eval" if args.completions.name == "steer_eval" else "eval"
+    folders = [args.completions / c for c in sorted(params["graph"][condition_key])]
+    absent = [str(f) for f in folders if not (f / "completions.parquet").is_file()]
+    if absent:
+        raise ParamsError(f"no completions in {absent}; run `dvc repro` first")
+    completions = pd.concat([pd.read_parquet(f / "completions.parquet") for f in folders], ignore_index=True)
+    study = params["study"]["name"]
+    with stage_run("report", {"study": study, "conditions": len(folders)}, study=study) as run:
+        import mlflow
+
+        git = git_state(root)
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").is_file() else {}
+        pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+        stages = [s for s in stage_names(pipeline, params) if not s.startswith("report@")]
+        card = {
+            "git": git,
+            "hardware": hardware(),
+            "packages": package_versions(),
+            "inputs": input_hashes(lock, [*files, *map(str, folders)]),
+            "stage_seconds": stage_seconds(tracking_uri(), study, stages),
+            "command": reproduce_command(params, git["commit"]),
+            "params_yaml": study_params_yaml(params),
+        }
+        text = compose(ReportInputs(params, metrics, completions, card, root=root, report_dir=args.out))
+        html = to_html(text, base=root / args.out, title=f"personaspace report: {study}")
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir(parents=True)
+            (tmp / "report.md").write_text(text)
+            (tmp / "report.html").write_text(html)
+        written = [args.out / "report.md", args.out / "report.html"]
+        if run is not None:
+            for path in written:
+                mlflow.log_artifact(str(path), "report")
+            log_artifacts_to_parent(written, "report")
+    print(f"wrote {written[0]} and {written[1]}")
+
+
+if __name__ == "__main__":
+    main()
