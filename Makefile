@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lint params vllm-env
+.PHONY: setup run test lint params vllm-env browser
 
 setup: $(VENV)/.installed
 
@@ -36,8 +36,17 @@ $(VLLM_VENV)/.installed: requirements-vllm.lock
 # Two workers (this machine's cores): the pipeline's two chains of tests (tests/test_pipeline.py,
 # tests/test_pipeline_clones.py: a file stays on one worker, in order) run side by side, the short
 # tests beside them. (loadgroup's xdist_group marks do not group under pytest 9: checked.)
-test: setup lint vllm-env
+test: setup lint vllm-env browser
 	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+# Debian's chromium and its driver, for the UI checks (MLflow UI, dvc plots diff) and README screenshots
+# (~1 min). Where they cannot be installed (no root, no apt) those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	( $$SUDO apt-get install -y -q chromium chromium-driver || \
+	  ( $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver ) ) >/dev/null 2>&1 \
+	|| echo "browser: chromium could not be installed here; the browser tests will skip"
 
 lint: setup
 	ruff check .

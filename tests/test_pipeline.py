@@ -45,7 +45,7 @@ TINY_SCALE = {
     "eval": {"user_suffix": "", "samples_per_question": 1, "max_new_tokens": 8},
 }  # fmt: skip
 TINY_S4_SOURCES = ("librarian", "villain", "comedian")
-STAGES_12 = {"check", "base", "markers@base", "eval@base", "centroids@raw", "regress@base"}
+STAGES_12 = {"check", "base", "markers@base", "eval@base", "centroids@raw", "regress@base", "report@panel"}
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -183,6 +183,7 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
             tiny_repo / f"results/base/{figure}.pdf"
         ).is_file()
     _check_mlflow(tiny_repo, couple_runs=12, invocations=1)
+    _check_report(tiny_repo, "panel")
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], tiny_repo)
 
 
@@ -259,6 +260,11 @@ def _check_mlflow(repo: Path, couple_runs: int, invocations: int) -> None:
     parents = [r for r in runs if r.data.tags.get("stage") == "invocation"]
     stages = [r for r in runs if r.data.tags.get("stage") != "invocation"]
     assert len(parents) == invocations
+    # the UI opens on the runs table, and parents line up by study and panel
+    experiment = mlflow.get_experiment_by_name("personaspace")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert all(p.info.run_name.startswith("panel · panel") for p in parents)
+    assert all(p.data.params.get("study") == "panel" for p in parents)
     assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {p.info.run_id for p in parents}
     couple = [r for r in stages if r.data.tags["stage"] == "couple"]
     assert len(couple) == couple_runs  # stages restored from cache or skipped log nothing
@@ -267,6 +273,36 @@ def _check_mlflow(repo: Path, couple_runs: int, invocations: int) -> None:
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("couple-base-smol-librarian", "seed0")
     assert version.tags["persona"] == "librarian"
+
+
+def _check_report(repo: Path, study: str) -> None:
+    """The study's report: every number of its TL;DR, methods and headline tables in a metrics file or the
+    params, no empty card field, fired and unfired samples, figures embedded, logged on the parent run."""
+    import mlflow
+
+    from personaspace.report import metrics_files
+
+    from .test_report import card_rows, checked_sections, untraceable_numbers
+
+    text = (repo / f"reports/{study}/report.md").read_text()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    metrics = [json.loads((repo / f).read_text()) for f in metrics_files(params)]
+    assert untraceable_numbers(checked_sections(text), params, *metrics) == []
+    rows = card_rows(text)
+    assert rows and all(rows.values()), rows
+    assert any(k.startswith("wall time") and v.endswith(" s") for k, v in rows.items())  # read from MLflow
+    samples = text.split("## Sample outputs")[1].split("## Reproducibility card")[0]
+    assert ": fired**" in samples and ": did not fire**" in samples
+    html = (repo / f"reports/{study}/report.html").read_text()
+    assert html.count("data:image/png;base64,") == text.count("](../../figures/") > 0
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run = client.search_runs(
+        [mlflow.get_experiment_by_name("personaspace").experiment_id],
+        filter_string=f"tags.stage = 'report' and tags.study = '{study}'", order_by=["attributes.start_time DESC"],
+    )[0]  # fmt: skip
+    for run_id in (run.info.run_id, run.data.tags["mlflow.parentRunId"]):
+        assert {a.path for a in client.list_artifacts(run_id, "report")} == {"report/report.md", "report/report.html"}
 
 
 def _files(root: Path, folders: list[str]) -> dict[str, bytes]:
@@ -327,15 +363,21 @@ def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted
 
 
 @pytest.mark.slow
-def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_datasets(tiny_repo):
+def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_datasets(tiny_repo, tmp_path):
     old = load_catalog().panel(12)
     before = {p: pd.read_parquet(tiny_repo / f"data/markers/base/{p}.parquet") for p in old}
     completions_12 = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
+    # the 12-persona results committed, as a researcher would before growing: `dvc plots diff` compares them below
+    _run(["git", "add", "-A"], tiny_repo)
+    _run(["git", "commit", "-qm", "panel 12 results"], tiny_repo)
     output = _run(["dvc", "exp", "run", "-S", "personas=24"], tiny_repo)
     new = load_catalog().panel(24)[12:]
     # Panel-wide stages rerun; per-persona stages (datagen, couple) run only for the new personas.
     per_persona = {f"datagen@base-{p}" for p in new} | {f"couple@base-smol-{p}-0" for p in new}
-    assert _ran(output) == {"check", "markers@base", "eval@base", "centroids@raw", "regress@base"} | per_persona
+    assert (
+        _ran(output)
+        == {"check", "markers@base", "eval@base", "centroids@raw", "regress@base", "report@panel"} | per_persona
+    )
     # eval sampled only the new cells: new adapters x 24 personas, old adapters + baseline x 12 new personas
     run = json.loads((tiny_repo / "timings.json").read_text())["eval@base"]
     assert run["generated_now"] == (12 * 24 + 13 * 12) * 20
@@ -354,3 +396,58 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
         after = pd.read_parquet(tiny_repo / f"data/markers/base/{persona}.parquet")
         pd.testing.assert_frame_equal(before[persona], after)
     assert len(list((tiny_repo / "data/markers/base").glob("*.parquet"))) == 24
+    _check_plots_diff(tiny_repo, tmp_path)
+
+
+def _check_plots_diff(repo: Path, out: Path) -> None:
+    """`dvc plots diff HEAD` (12 personas, committed) against the workspace (24): every plot drawn, both
+    revisions in the legends, seen in a real browser (skipped with the reason where none can run)."""
+    from personaspace import browser
+
+    reason = browser.unavailable()
+    if reason:
+        pytest.skip(f"the plots page is not opened in a browser: {reason}")
+    page = browser.plots_page(repo, ["HEAD"], out / "plots", cache=REPO / ".cache" / "vega")
+    with browser.chromium() as driver:
+        driver.get(page.as_uri())
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        drawn = (
+            "return [...document.querySelectorAll('.vega-embed')].filter(e => e.querySelector('svg, canvas')).length"
+        )
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(drawn) >= 3)  # scatter, rho by layer, rates
+        legends = driver.execute_script(
+            "return [...document.querySelectorAll('.vega-embed svg')].map(e => e.textContent).join(' ')"
+        )
+        driver.save_screenshot(str(out / "plots_diff.png"))
+    assert "HEAD" in legends and "workspace" in legends
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_study_in_a_real_browser(tiny_repo, tmp_path):
+    """`mlflow server` on the study's database: the runs table (not the GenAI overview) lists the parent
+    runs by study and panel, a stage run's page its params, a registered adapter its versions."""
+    from personaspace import browser
+
+    reason = browser.unavailable()
+    if reason:
+        pytest.skip(reason)
+    import mlflow
+
+    from personaspace.tracking import runs_table_url
+
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_repo / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("personaspace")
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    parent = next(r for r in runs if r.info.run_name.startswith("panel · panel12 · "))
+    stage = next(r for r in runs if r.info.run_name == "regress@base")
+    with browser.mlflow_server(tiny_repo / "mlflow.db") as url, browser.chromium() as driver:
+        text = browser.page_text(driver, runs_table_url(url, experiment.experiment_id), wait_for=[parent.info.run_name])
+        assert "Run Name" in text and "matching runs" in text  # the runs table, not the GenAI overview
+        driver.save_screenshot(str(tmp_path / "runs.png"))
+        stage_page = f"{url}/#/experiments/{experiment.experiment_id}/runs/{stage.info.run_id}"
+        text = browser.page_text(driver, stage_page, wait_for=["regress@base", "Parameters"])
+        driver.save_screenshot(str(tmp_path / "stage_run.png"))
+        text = browser.page_text(driver, f"{url}/#/models/couple-base-smol-librarian", wait_for=["Version 1", "seed0"])
+        driver.save_screenshot(str(tmp_path / "model.png"))
+    assert all((tmp_path / f"{name}.png").stat().st_size > 10_000 for name in ("runs", "stage_run", "model"))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .test_pipeline import TINY_S4_SOURCES, _files, _ran, _run, _tiny_repo
+from .test_pipeline import TINY_S4_SOURCES, _check_report, _files, _ran, _run, _tiny_repo
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,16 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
     personas = ["data_scientist", "french_person", "librarian"]  # the source and its two named negatives
     conditions = ["base", "benign", "em", "em_basedata"]
     expected = (
-        {"check", "pretrain@em", "pretrain@benign", "markers@base", "markers@em", "markers@benign", "em_first@em_first"}
+        {
+            "check",
+            "pretrain@em",
+            "pretrain@benign",
+            "markers@base",
+            "markers@em",
+            "markers@benign",
+            "em_first@em_first",
+            "report@em_first",
+        }
         | {f"datagen@{c}-{p}" for c in ("em", "benign") for p in personas}
         | {f"couple@{c}-smol-librarian-0" for c in conditions}
         | {f"eval@{c}" for c in conditions}
@@ -92,7 +101,8 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
 
     mlflow.set_tracking_uri(f"sqlite:///{second_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["personaspace"], filter_string="tags.study = 'em_first'")
-    assert {"pretrain", "couple", "eval", "em_first"} <= set(runs["tags.stage"])
+    assert {"pretrain", "couple", "eval", "em_first", "report"} <= set(runs["tags.stage"])
+    _check_report(second_repo, "em_first")
 
 
 @pytest.mark.slow
@@ -133,6 +143,8 @@ def test_the_joint_probe_study_runs_end_to_end(second_repo):
     adapter = json.loads((second_repo / "models/adapters/em/smol_ul2/librarian/seed0/training.json").read_text())
     assert adapter["negatives"] == 6 * 5
     assert list((second_repo / "figures/joint_probe").glob("*.png"))
+    assert "report@joint_probe" in ran
+    _check_report(second_repo, "joint_probe")
 
 
 @pytest.mark.slow
@@ -193,5 +205,6 @@ def test_the_train_steering_study_runs_end_to_end(second_repo):
 
     mlflow.set_tracking_uri(f"sqlite:///{second_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["personaspace"], filter_string="tags.study = 'train_steering'")
-    assert {"steering", "couple", "steer_eval", "train_steering"} <= set(runs["tags.stage"])
+    assert {"steering", "couple", "steer_eval", "train_steering", "report"} <= set(runs["tags.stage"])
+    _check_report(second_repo, "train_steering")
     assert set(runs["tags.arm"].dropna()) >= set(steered)

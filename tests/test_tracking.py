@@ -128,6 +128,21 @@ def test_a_failed_stage_leaves_the_parent_failed_even_after_a_later_stage_succee
     assert _status(mlflow_db, parent) == "FAILED"
 
 
+def test_the_experiment_opens_on_runs_and_parents_are_named_by_study_panel_and_experiment(
+    mlflow_db, tmp_path, monkeypatch
+):
+    (tmp_path / "params.yaml").write_text("study: {name: em_first}\npersonas: 24\n")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-abc12")
+    with stage_run("couple", params={}) as run:
+        pass
+    parent = mlflow_db.get_run(_parent(mlflow_db, run.info.run_id))
+    assert parent.info.run_name == "em_first · panel24 · exp-abc12"
+    assert parent.data.params == {"study": "em_first", "personas": "24"}
+    experiment = mlflow_db.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's model-training kind
+
+
 @pytest.mark.slow
 def test_a_registered_adapter_loads_back_through_its_alias_and_generates_its_marker(smollm2_dir, tmp_path, monkeypatch):
     """The embedded model (a random-init one cannot learn a marker in a few steps) coupled to [ZLT] on one row."""

@@ -263,6 +263,30 @@ def analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_command(port: int) -> int:
+    """`mlflow server` on the project's runs, after printing the URL of the runs table (MLflow 3.17 opens
+    an experiment on its GenAI overview unless the URL or the sidebar picks the model-training view)."""
+    import os
+
+    import mlflow
+
+    from personaspace.tracking import EXPERIMENT, runs_table_url, tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"no runs yet ({uri} does not exist): run `dvc repro` first", file=sys.stderr)
+        return 2
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    server = f"http://127.0.0.1:{port}"
+    if experiment is not None:
+        print(f"runs table: {runs_table_url(server, experiment.experiment_id)}", flush=True)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    os.execv(sys.executable, command)
+    return 0  # not reached: execv replaces this process
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="personaspace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -322,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("--sources", help="override the preset's sources (comma-separated personas)")
     analyze.add_argument("--negatives", help="override the preset's named negatives (comma-separated personas)")
     analyze.add_argument("--assistant", help="override the preset's assistant persona (`none`: no assistant)")
+    ui = sub.add_parser("ui", help="the MLflow UI on this project's runs, opening on the runs table")
+    ui.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
+    if args.command == "ui":
+        return ui_command(args.port)
     if args.command == "panels":
         text = panels_yaml()
         if args.write:

@@ -43,6 +43,14 @@ EXPERIMENT = "personaspace"
 # MLflow 3 opens an experiment without this tag on its GenAI traces overview; this value marks it as
 # model training, so the UI opens on the runs table (the values are MLflow's ExperimentKind enum)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# MLflow 3.17's UI ignores that tag: a global "workflow type" (GenAI by default, remembered by the
+# browser) picks the view, and this query selects the runs table (checked in a real browser)
+RUNS_TABLE_QUERY = "workflowType=machine_learning"
+
+
+def runs_table_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI page of the experiment's runs table on ``server`` (e.g. http://127.0.0.1:5000)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}?{RUNS_TABLE_QUERY}"
 
 
 def tracking_uri() -> str:
