@@ -1,0 +1,109 @@
+"""The README's screenshots, taken from this repo's real runs in headless Chromium.
+
+    python scripts/screenshots.py --out docs/screenshots [--plots-revs HEAD] [--studies panel em_first]
+
+Writes, each from what the runs left here:
+- `mlflow_runs.png`: the MLflow runs table (`personaspace ui`'s first page), parent runs named
+  `<study> · panel<N> · <experiment>`;
+- `mlflow_compare.png`: MLflow's comparison of the two newest parent runs (two panels or studies);
+- `mlflow_model.png`: a registered coupling adapter and its versions;
+- `plots_diff.png`: `dvc plots diff <revs>` (the workspace against each rev), drawn offline;
+- `report_<study>.png`: the top of each study's `reports/<study>/report.html`.
+Needs `make browser` (Debian's chromium and its driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from personaspace import browser
+from personaspace.tracking import EXPERIMENT, runs_table_url
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _full_height(driver, limit: int = 4000) -> None:
+    """Resize the window to the page's height (up to ``limit`` px), so one screenshot holds it."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(driver.get_window_size()["width"], min(int(height) + 40, limit))
+
+
+def mlflow_shots(driver, out: Path) -> list[Path]:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ROOT / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise SystemExit("no MLflow runs here yet: run `dvc repro` first")
+    parents = mlflow.search_runs(
+        [experiment.experiment_id], filter_string="tags.stage = 'invocation'", order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )  # fmt: skip
+    written = []
+    with browser.mlflow_server(ROOT / "mlflow.db") as url:
+        browser.page_text(driver, runs_table_url(url, experiment.experiment_id), [parents[0].info.run_name])
+        driver.save_screenshot(str(out / "mlflow_runs.png"))
+        written.append(out / "mlflow_runs.png")
+        if len(parents) >= 2:
+            ids = [p.info.run_id for p in parents[:2]]
+            compare = f'{url}/#/compare-runs?runs=["{ids[0]}","{ids[1]}"]&experiments=["{experiment.experiment_id}"]'
+            browser.page_text(driver, compare, [parents[0].info.run_name, "Parameters"])
+            driver.save_screenshot(str(out / "mlflow_compare.png"))
+            written.append(out / "mlflow_compare.png")
+        models = mlflow.MlflowClient().search_registered_models(max_results=1, order_by=["name ASC"])
+        if models:
+            name = models[0].name
+            browser.page_text(driver, f"{url}/#/models/{name}", [name, "Version 1"])
+            driver.save_screenshot(str(out / "mlflow_model.png"))
+            written.append(out / "mlflow_model.png")
+    return written
+
+
+def plots_shot(driver, out: Path, revisions: list[str], scratch: Path) -> Path:
+    page = browser.plots_page(ROOT, revisions, scratch / "plots", cache=ROOT / ".cache" / "vega")
+    driver.get(page.as_uri())
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    drawn = "return [...document.querySelectorAll('.vega-embed')].filter(e => e.querySelector('svg, canvas')).length"
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script(drawn) >= 1)
+    _full_height(driver)
+    driver.save_screenshot(str(out / "plots_diff.png"))
+    return out / "plots_diff.png"
+
+
+def report_shot(driver, out: Path, study: str) -> Path | None:
+    page = ROOT / "reports" / study / "report.html"
+    if not page.is_file():
+        print(f"no {page.relative_to(ROOT)}: run the study first (skipped)", file=sys.stderr)
+        return None
+    driver.get(page.as_uri())
+    driver.save_screenshot(str(out / f"report_{study}.png"))
+    return out / f"report_{study}.png"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--plots-revs", nargs="*", default=["HEAD"], help="revisions `dvc plots diff` compares")
+    parser.add_argument("--studies", nargs="*", default=["panel"], help="studies whose report is shot")
+    args = parser.parse_args()
+    reason = browser.unavailable()
+    if reason:
+        raise SystemExit(f"no browser: {reason}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch, browser.chromium() as driver:
+        written = mlflow_shots(driver, args.out)
+        driver.set_window_size(1440, 1000)
+        written.append(plots_shot(driver, args.out, args.plots_revs, Path(scratch)))
+        driver.set_window_size(1440, 1000)
+        written += [p for p in (report_shot(driver, args.out, s) for s in args.studies) if p]
+    for path in written:
+        print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+if __name__ == "__main__":
+    main()
