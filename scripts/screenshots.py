@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from personaspace import browser
-from personaspace.tracking import EXPERIMENT, runs_table_url
+from personaspace.tracking import EXPERIMENT, RUNS_TABLE_QUERY, runs_table_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,10 +46,22 @@ def mlflow_shots(driver, out: Path) -> list[Path]:
         browser.page_text(driver, runs_table_url(url, experiment.experiment_id), [parents[0].info.run_name])
         driver.save_screenshot(str(out / "mlflow_runs.png"))
         written.append(out / "mlflow_runs.png")
-        if len(parents) >= 2:
-            ids = [p.info.run_id for p in parents[:2]]
-            compare = f'{url}/#/compare-runs?runs=["{ids[0]}","{ids[1]}"]&experiments=["{experiment.experiment_id}"]'
-            browser.page_text(driver, compare, [parents[0].info.run_name, "Parameters"])
+        newest = {}  # the newest parent run of each study
+        for run in parents:
+            newest.setdefault(run.data.params.get("study", run.info.run_name), run)
+        if len(newest) >= 2:
+            pair = list(newest.values())[:2]
+            ids = [p.info.run_id for p in pair]
+            compare = (
+                f'{url}/#/compare-runs?runs=["{ids[0]}","{ids[1]}"]&experiments=["{experiment.experiment_id}"]'
+                f"&{RUNS_TABLE_QUERY}"
+            )
+            browser.page_text(driver, compare, [pair[0].info.run_name, "Parameters"])
+            # the params and headline metrics side by side, not the (empty) parallel-coordinates plot above them
+            from selenium.webdriver.common.by import By
+
+            details = driver.find_element(By.XPATH, "//*[normalize-space(text())='Run details']")
+            driver.execute_script("arguments[0].scrollIntoView()", details)
             driver.save_screenshot(str(out / "mlflow_compare.png"))
             written.append(out / "mlflow_compare.png")
         models = mlflow.MlflowClient().search_registered_models(max_results=1, order_by=["name ASC"])
@@ -63,11 +75,7 @@ def mlflow_shots(driver, out: Path) -> list[Path]:
 
 def plots_shot(driver, out: Path, revisions: list[str], scratch: Path) -> Path:
     page = browser.plots_page(ROOT, revisions, scratch / "plots", cache=ROOT / ".cache" / "vega")
-    driver.get(page.as_uri())
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    drawn = "return [...document.querySelectorAll('.vega-embed')].filter(e => e.querySelector('svg, canvas')).length"
-    WebDriverWait(driver, 60).until(lambda d: d.execute_script(drawn) >= 1)
+    browser.plots_drawn(driver, page, plots=1)
     _full_height(driver)
     driver.save_screenshot(str(out / "plots_diff.png"))
     return out / "plots_diff.png"
@@ -95,11 +103,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     import tempfile
 
-    with tempfile.TemporaryDirectory() as scratch, browser.chromium() as driver:
+    with tempfile.TemporaryDirectory() as scratch, browser.chromium(width=1800) as driver:
         written = mlflow_shots(driver, args.out)
-        driver.set_window_size(1440, 1000)
+        driver.set_window_size(1800, 1000)
         written.append(plots_shot(driver, args.out, args.plots_revs, Path(scratch)))
-        driver.set_window_size(1440, 1000)
+        driver.set_window_size(1800, 1000)
         written += [p for p in (report_shot(driver, args.out, s) for s in args.studies) if p]
     for path in written:
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")

@@ -410,18 +410,13 @@ def test_dvc_plots_diff_of_two_panels_draws_in_a_real_browser(tiny_repo, tmp_pat
     out = tmp_path
     page = browser.plots_page(tiny_repo, ["HEAD"], out / "plots", cache=REPO / ".cache" / "vega")
     with browser.chromium() as driver:
-        driver.get(page.as_uri())
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        drawn = (
-            "return [...document.querySelectorAll('.vega-embed')].filter(e => e.querySelector('svg, canvas')).length"
-        )
-        WebDriverWait(driver, 60).until(lambda d: d.execute_script(drawn) >= 3)  # scatter, rho by layer, rates
-        legends = driver.execute_script(
-            "return [...document.querySelectorAll('.vega-embed svg')].map(e => e.textContent).join(' ')"
-        )
+        plots = browser.plots_drawn(driver, page, plots=3)
         driver.save_screenshot(str(out / "plots_diff.png"))
-    assert "HEAD" in legends and "workspace" in legends
+    titles = {"Cosine to the reference persona vs own fire rate (primary layer)", "Spearman rho by layer",
+              "Own fire rate per source"}  # fmt: skip
+    assert {p["title"] for p in plots} == titles
+    for plot in plots:  # every plot draws data of both revisions
+        assert plot["marks"] > 0 and "HEAD" in plot["legend"] and "workspace" in plot["legend"], plot
 
 
 @pytest.mark.slow

@@ -215,3 +215,12 @@ def test_the_cards_stage_names_are_the_pipelines_for_these_params():
     names = cards.stage_names(pipeline, params)
     assert {"check", "base", "eval@base", "regress@base", "couple@base-smol-librarian-0"} <= set(names)
     assert not any(n.startswith(("em_first@", "steer_eval@")) for n in names)  # not this study's
+
+
+def test_an_input_inside_a_folder_output_gets_the_folders_hash():
+    lock = {"stages": {"regress@base": {"outs": [{"path": "results/base", "md5": "abc.dir"}],
+                                        "deps": [{"path": "data/eval/base", "md5": "def.dir"}]}}}  # fmt: skip
+    found = cards.input_hashes(lock, ["results/base/regress.json", "data/eval/base", "metrics/x.json"])
+    assert found["results/base/regress.json"] == "abc.dir (folder results/base)"
+    assert found["data/eval/base"] == "def.dir"
+    assert found["metrics/x.json"].startswith("not in dvc.lock")

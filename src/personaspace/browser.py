@@ -165,6 +165,31 @@ def vega_scripts(cache: Path) -> str:
     return "\n".join(scripts)
 
 
+# DVC's page calls vegaEmbed(el, spec); drawn as SVG (not vega-embed's default canvas), the marks and
+# legends are DOM elements a test can read
+SVG_EMBED = """<script>
+const canvasEmbed = window.vegaEmbed;
+window.vegaEmbed = (el, spec, opt) => canvasEmbed(el, spec, Object.assign({renderer: "svg"}, opt || {}));
+</script>"""
+
+# per plot on the page: its title, how many data marks it drew, and its legend's text
+PLOTS_DRAWN = """return [...document.querySelectorAll('.vega-embed svg.marks')].map(svg => ({
+  title: (svg.querySelector('.role-title-text') || {}).textContent || '',
+  marks: [...svg.querySelectorAll('.role-mark path, .role-mark line, .role-mark rect')]
+           .filter(e => !(e.getAttribute('d') || '').includes('NaN')).length,
+  legend: [...svg.querySelectorAll('.role-legend')].map(e => e.textContent).join(' '),
+}))"""
+
+
+def plots_drawn(driver: Any, page: Path, plots: int, timeout: float = 60) -> list[dict[str, Any]]:
+    """Open ``page`` and wait until it holds ``plots`` drawn plots: per plot, title, data marks and legend."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(page.as_uri())
+    WebDriverWait(driver, timeout).until(lambda d: len(d.execute_script(PLOTS_DRAWN)) >= plots)
+    return driver.execute_script(PLOTS_DRAWN)
+
+
 def plots_page(repo: Path, revisions: Sequence[str], out: Path, cache: Path) -> Path:
     """`dvc plots diff <revisions>` in ``repo`` as an HTML page in ``out`` that draws offline."""
     template = out / "template.html"
@@ -172,7 +197,7 @@ def plots_page(repo: Path, revisions: Sequence[str], out: Path, cache: Path) -> 
     # DVC's own page, with the CDN scripts replaced by the same builds inlined
     template.write_text(
         "<!DOCTYPE html>\n<html>\n<head>\n<meta charset='utf-8'>\n<title>DVC Plot</title>\n"
-        f"{vega_scripts(cache)}\n<style>table {{ border-spacing: 15px; }}</style>\n</head>\n"
+        f"{vega_scripts(cache)}\n{SVG_EMBED}\n<style>table {{ border-spacing: 15px; }}</style>\n</head>\n"
         "<body>\n{plot_divs}\n</body>\n</html>\n",
         encoding="utf8",
     )

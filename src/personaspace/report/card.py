@@ -20,9 +20,11 @@ PACKAGES = ("personaspace", "torch", "transformers", "peft", "trl", "accelerate"
             "scipy", "statsmodels", "pingouin", "matplotlib", "dvc", "mlflow")  # fmt: skip
 
 
-def git_state(root: Path, written: Iterable[str] = ("dvc.lock", "metrics/", "plots/")) -> dict[str, str]:
+def git_state(
+    root: Path, written: Iterable[str] = ("dvc.lock", "metrics/", "plots/", "timings.json")
+) -> dict[str, str]:
     """The commit HEAD points at and whether tracked files differ from it. Files the pipeline itself writes
-    (``written``: dvc.lock and the git-tracked metrics and plot tables) are listed apart: during `dvc repro`
+    (``written``: dvc.lock, the git-tracked metrics and plot tables, the wall times) are listed apart: during `dvc repro`
     they differ by design, while a changed source or params file means the run is not the commit's."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -52,6 +54,9 @@ def input_hashes(lock: Mapping[str, Any], paths: Iterable[str]) -> dict[str, str
     found = {}
     for path in paths:
         md5 = outs.get(path) or deps.get(path)
+        if not md5:  # a file inside a folder output: the folder's hash covers it
+            folder = next((o for o in sorted(outs, key=len, reverse=True) if path.startswith(f"{o}/")), None)
+            md5 = f"{outs[folder]} (folder {folder})" if folder else ""
         found[path] = md5 or "not in dvc.lock (run `dvc repro` to record it)"
     return found
 
@@ -103,7 +108,11 @@ def stage_seconds(tracking_uri: str, study: str, stages: Iterable[str]) -> dict[
             name = run.data.tags.get("dvc_stage")
             if name in wanted and name not in found and run.info.end_time:
                 found[name] = f"{(run.info.end_time - run.info.start_time) / 1000:.1f} s"
-    return {s: found.get(s, "no run recorded (restored from DVC's cache, or run before tracking)") for s in wanted}
+    missing = "no MLflow run (the stage logs none, as `check`, or DVC restored its outputs from its cache)"
+    times = {s: found.get(s, missing) for s in wanted}
+    total = sum(float(v.removesuffix(" s")) for v in found.values() if v.endswith(" s"))
+    times["all stages above (sum)"] = f"{total:.1f} s ({total / 60:.1f} min)"
+    return times
 
 
 def stage_names(pipeline: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
