@@ -12,6 +12,7 @@ machine and the MLflow database (wall time per stage).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -47,9 +48,12 @@ def main() -> None:
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
         raise ParamsError(f"the study's analyses have not written {missing}; run `dvc repro` first")
-    metrics = {f: yaml.safe_load((root / f).read_text()) for f in files}
-    condition_key = "steer_eval" if args.completions.name == "steer_eval" else "eval"
-    folders = [args.completions / c for c in sorted(params["graph"][condition_key])]
+    metrics = {f: json.loads((root / f).read_text()) for f in files}  # json: NaN stays a number
+    # data/<stage>/<condition>: the conditions are that stage's graph items (eval, or S4's steer_eval)
+    conditions = params["graph"].get(args.completions.name)
+    if not conditions:
+        raise ParamsError(f"--completions {args.completions}: no stage `{args.completions.name}` runs in this study")
+    folders = [args.completions / c for c in sorted(conditions)]
     absent = [str(f) for f in folders if not (f / "completions.parquet").is_file()]
     if absent:
         raise ParamsError(f"no completions in {absent}; run `dvc repro` first")

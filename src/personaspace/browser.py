@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -56,8 +55,9 @@ def mlflow_server(db: Path, timeout: float = 120) -> Iterator[str]:
     """`mlflow server` on the SQLite database ``db``, on a free port of 127.0.0.1: yields its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{Path(db).resolve()}",
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    from personaspace.tracking import server_command
+
+    command = [*server_command(f"sqlite:///{Path(db).resolve()}", port), "--workers", "1"]
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -270,7 +270,7 @@ def ui_command(port: int) -> int:
 
     import mlflow
 
-    from personaspace.tracking import EXPERIMENT, runs_table_url, tracking_uri
+    from personaspace.tracking import EXPERIMENT, runs_table_url, server_command, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -281,9 +281,7 @@ def ui_command(port: int) -> int:
     server = f"http://127.0.0.1:{port}"
     if experiment is not None:
         print(f"runs table: {runs_table_url(server, experiment.experiment_id)}", flush=True)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    os.execv(sys.executable, command)
+    os.execv(sys.executable, server_command(uri, port))
     return 0  # not reached: execv replaces this process
 
 

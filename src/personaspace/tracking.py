@@ -53,6 +53,14 @@ def runs_table_url(server: str, experiment_id: str) -> str:
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}?{RUNS_TABLE_QUERY}"
 
 
+def server_command(backend_uri: str, port: int) -> list[str]:
+    """`mlflow server` on ``backend_uri``, listening on 127.0.0.1:``port`` only."""
+    import sys
+
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else SQLite in the DVC root (or the working directory)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
