@@ -14,7 +14,7 @@ from pathlib import Path
 from personaspace.completions import sample_persona_completions
 from personaspace.config import Params, load_params
 from personaspace.distributed import Ranks, finish, launch
-from personaspace.generate import Sampling, load_generator, stage_processes
+from personaspace.generate import Sampling, load_generator
 from personaspace.io import write_parquet
 from personaspace.personas import Catalog, load_catalog
 from personaspace.tracking import stage_run
@@ -33,8 +33,8 @@ def main() -> None:
     catalog.persona(args.persona)
     dg = params.datagen
     run_params = {"condition": args.condition, "persona": args.persona, **dg.model_dump()}
-    gen = params.generation  # hf: batches dealt to the GPUs; vllm: one process, vLLM's own workers
-    ranks = launch(stage_processes(gen.backend, params.parallel.processes), gen.device)
+    gen = params.generation  # hf: batches dealt to the GPUs; vllm: an engine per parallel.tensor GPUs
+    ranks = launch(params.parallel.processes, gen.device)
     tags = {"persona": args.persona, "condition": args.condition}
     with stage_run("datagen", run_params, tags=tags, study=params.study.name, ranks=ranks):
         _sample(params, catalog, args, ranks)
@@ -44,8 +44,9 @@ def main() -> None:
 def _sample(params: Params, catalog: Catalog, args: argparse.Namespace, ranks: Ranks) -> None:
     gen = params.generation
     generator = load_generator(
-        gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype, ranks=ranks
-    )
+        gen.backend, args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype, ranks=ranks,
+        tensor_parallel=params.parallel.tensor,
+    )  # fmt: skip
     dg = params.datagen
     table = sample_persona_completions(
         generator,

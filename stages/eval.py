@@ -30,7 +30,7 @@ from personaspace.evaluation import (
     rate_matrix,
     summarise,
 )
-from personaspace.generate import Sampling, load_generator, stage_processes
+from personaspace.generate import Sampling, load_generator
 from personaspace.io import atomic_path, record_timing, write_json
 from personaspace.personas import load_catalog
 from personaspace.tracking import log_to_parent, stage_run
@@ -65,8 +65,8 @@ def main() -> None:
     catalog = load_catalog()
     sampling = Sampling(ev.temperature, ev.top_p, ev.max_new_tokens)
     gen = params.generation
-    # hf: batches dealt to the GPUs, gathered on every rank; vllm: one process, vLLM's own workers
-    ranks = launch(stage_processes(gen.backend, params.parallel.processes), gen.device)
+    # hf: batches dealt to the GPUs; vllm: an engine per parallel.tensor GPUs; gathered on every rank
+    ranks = launch(params.parallel.processes, gen.device)
     store = CellStore(args.cells, write=ranks.main)  # every rank holds the cells; rank 0 alone writes them
     generator = load_generator(
         gen.backend,
@@ -76,6 +76,7 @@ def main() -> None:
         dtype=gen.dtype,
         ranks=ranks,
         loras=[path for _, _, path in adapters.values()],
+        tensor_parallel=params.parallel.tensor,
     )
     base_fp = fingerprint_dir(args.model)
     jobs = {BASELINE: (None, base_fp)} | {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from personaspace.checks import parallel_errors
+from personaspace.checks import parallel_errors, tensor_errors
 from personaspace.config import ParamsError, validate_params
 from personaspace.distributed import Ranks, current, processes_for
 from personaspace.train import per_device_batch
@@ -73,6 +73,37 @@ def test_parallel_checks_pass_for_cpu_ranks_and_auto():
     assert (
         parallel_errors(2, "cpu") == [] and parallel_errors("auto", "cuda") == [] and parallel_errors(1, "cuda:0") == []
     )
+
+
+@pytest.mark.parametrize(
+    ("tensor", "processes", "backend", "gpus", "message"),
+    [
+        (2, "auto", "hf", 4, "the hf backend runs a whole model per rank"),
+        (2, "auto", "vllm", 0, "2 GPUs per engine, 0 visible"),
+        (2, 3, "vllm", 4, "does not divide parallel.processes (3 ranks)"),
+    ],
+)
+def test_tensor_checks_name_the_key_and_the_fix(monkeypatch, tensor, processes, backend, gpus, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # the machine's GPU count, the check's input
+    errors = tensor_errors(tensor, processes, "cuda", backend)
+    assert len(errors) == 1 and errors[0].startswith("parallel.tensor") and message in errors[0]
+
+
+def test_tensor_checks_pass_for_whole_engines(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert tensor_errors(2, 4, "cuda", "vllm") == tensor_errors(2, 1, "cuda", "vllm") == []
+    assert tensor_errors(1, 3, "cpu", "hf") == []
+
+
+@pytest.mark.parametrize("value", [0, -1, "2", 1.5])
+def test_parallel_tensor_is_a_positive_int(raw_params, value):
+    raw_params["parallel"] = {"processes": "auto", "tensor": value}
+    with pytest.raises(ParamsError, match=r"parallel\.tensor"):
+        validate_params(raw_params)
 
 
 @pytest.mark.parametrize("value", [0, -1, "all", 1.5, True])

@@ -4,7 +4,8 @@ vLLM pins other versions of transformers and numpy than the project, so it lives
 (`make vllm-env`, part of `make test`); the completions are sampled there by tests/vllm_worker.py
 and compared here with the hf backend's on the embedded SmolLM2: greedy tokens equal for the base
 and for a coupled rsLoRA adapter (vLLM must scale it by alpha/sqrt(r)), and sampled fire rates of
-the coupled adapter within the hf backend's Wilson intervals.
+the coupled adapter within the hf backend's Wilson intervals. Two torchrun processes (one
+data-parallel engine each, as a stage with ``parallel.processes: 2``) give the one process's completions.
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def _requests(model: Path, personas: list[str], samples: int, adapter: Path | No
     ]  # fmt: skip
 
 
+def _vllm_worker(spec: dict, folder: Path) -> dict:
+    """tests/vllm_worker.py's completions of ``spec``, sampled in the vLLM environment."""
+    folder.mkdir()
+    (folder / "jobs.json").write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2")
+    result = subprocess.run(
+        [str(VLLM_PYTHON), str(REPO / "tests/vllm_worker.py"), str(folder / "jobs.json"), str(folder / "out.json")],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((folder / "out.json").read_text())
+
+
 def test_vllm_backend_matches_the_hf_backend(smollm2_dir, tmp_path):
     adapter = _coupled_adapter(smollm2_dir, tmp_path / "adapter")
     jobs = {
@@ -82,14 +96,9 @@ def test_vllm_backend_matches_the_hf_backend(smollm2_dir, tmp_path):
         "model": str(smollm2_dir),
         "jobs": {name: {"sampling": asdict(s), "requests": [asdict(r) for r in reqs]} for name, (s, reqs) in jobs.items()},
     }  # fmt: skip
-    (tmp_path / "jobs.json").write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="2")
-    result = subprocess.run(
-        [str(VLLM_PYTHON), str(REPO / "tests/vllm_worker.py"), str(tmp_path / "jobs.json"), str(tmp_path / "out.json")],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    vllm = json.loads((tmp_path / "out.json").read_text())
+    vllm = _vllm_worker(spec, tmp_path / "one")
+    # two torchrun processes, one data-parallel engine each (external_launcher, gloo): the same completions
+    assert _vllm_worker(spec | {"processes": 2}, tmp_path / "two") == vllm
 
     hf = load_generator("hf", smollm2_dir, progress=False)
     for name in ("base_greedy", "adapter_greedy"):

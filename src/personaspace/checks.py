@@ -9,7 +9,8 @@ persona catalog. What it cannot know needs the model, the machine or conf/:
 - the model's depth: a layer index (``regress.primary_layer``) beyond it cannot be read;
 - the marker's length in the model's tokens: an eval budget shorter than the marker (or than a
   trained-length completion plus its marker) can never fire;
-- the devices: ``generation.device`` must exist on this machine, with a GPU per ``parallel.processes`` rank;
+- the devices: ``generation.device`` must exist on this machine, with a GPU per ``parallel.processes`` rank
+  and per ``parallel.tensor`` shard (vllm backend), the processes a whole number of engines;
 - the backend: ``generation.backend: vllm`` needs vLLM installed here;
 - hand edits: params.yaml must still match the digest its composition recorded
   (``params_guard``), since ``dvc exp run`` recomposes params.yaml and would discard an edit.
@@ -143,6 +144,31 @@ def parallel_errors(processes: int | str, device: str) -> list[str]:
     return []
 
 
+def tensor_errors(tensor: int, processes: int | str, device: str, backend: str) -> list[str]:
+    """parallel.tensor is the vllm backend's: its GPUs must exist and split the processes into whole engines."""
+    import torch
+
+    from personaspace.distributed import processes_for
+
+    if tensor == 1:
+        return []
+    if backend != "vllm":
+        return [
+            f"parallel.tensor: {tensor} is the vllm backend's tensor parallelism; the {backend} backend runs a whole "
+            "model per rank: set parallel.tensor to 1 or generation.backend to vllm"
+        ]
+    count = torch.cuda.device_count()
+    if tensor > count:
+        return [f"parallel.tensor: {tensor} GPUs per engine, {count} visible; use at most {count}"]
+    world = processes_for(processes, device)
+    if world > 1 and world % tensor:
+        return [
+            f"parallel.tensor: {tensor} does not divide parallel.processes ({world} ranks) into whole engines; "
+            f"use a multiple of {tensor} processes (or auto)"
+        ]
+    return []
+
+
 def backend_errors(backend: str) -> list[str]:
     """generation.backend must be importable here: vllm is an optional extra."""
     import importlib.util
@@ -175,6 +201,8 @@ def check_params(params_file: Path, raw_dir: Path | None = None) -> tuple[list[s
         return [*problems, str(exc)], notes
     problems += device_errors(params.generation.device)
     problems += parallel_errors(params.parallel.processes, params.generation.device)
+    problems += tensor_errors(params.parallel.tensor, params.parallel.processes, params.generation.device,
+                              params.generation.backend)  # fmt: skip
     problems += backend_errors(params.generation.backend)
     facts = model_facts(params, raw_dir)
     if facts is None:

@@ -85,6 +85,12 @@ class ParallelParams(_Strict):
         "(torchrun; gloo on a CPU). Generation and probes give the same bytes for any N; training the "
         "same recipe, equal up to rounding",
     )
+    tensor: int = Field(
+        1,
+        ge=1,
+        description="vllm backend: GPUs per engine (tensor parallel, for a model one GPU cannot hold); "
+        "the processes form processes/tensor data-parallel engines. The hf backend takes 1",
+    )
 
     @field_validator("processes")
     @classmethod

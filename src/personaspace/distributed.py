@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 # torchrun exports these to every process it starts
 _WORLD, _RANK, _LOCAL_RANK = "WORLD_SIZE", "RANK", "LOCAL_RANK"
+# run by ``finish`` after its last barrier: engines that built groups on the process group tear them down
+_AT_FINISH: list[Callable[[], None]] = []
 
 
 @dataclass(frozen=True)
@@ -164,4 +166,12 @@ def finish(ranks: Ranks) -> None:
 
         if dist.is_initialized():
             dist.barrier()
+        while _AT_FINISH:
+            _AT_FINISH.pop()()
+        if dist.is_initialized():  # a vLLM engine's shutdown destroys it too
             dist.destroy_process_group()
+
+
+def at_finish(callback: Callable[[], None]) -> None:
+    """Have ``finish`` call ``callback`` after its last barrier, before it leaves the process group."""
+    _AT_FINISH.append(callback)

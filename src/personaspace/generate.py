@@ -395,11 +395,6 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def stage_processes(backend: str, processes: int | str) -> int | str:
-    """``parallel.processes`` for a generating stage: the hf backend's ranks, or 1 for vllm (its own workers)."""
-    return processes if backend == "hf" else 1
-
-
 def hf_generator(
     model: Any, tokenizer: Any, batch_size: int = 64, progress: bool = True, ranks: Ranks | None = None
 ) -> HFGenerator:
@@ -426,6 +421,7 @@ def load_generator(
     progress: bool = True,
     ranks: Ranks | None = None,
     loras: Sequence[Path | str] = (),
+    tensor_parallel: int = 1,
 ) -> Generator:
     """A ready generator for ``model_path`` (+ optional peft adapter) on the named backend.
 
@@ -434,19 +430,24 @@ def load_generator(
     ``loras``: the adapters requests will name; the vllm backend sizes its one engine for all of
     them (the hf backend merges each when its batches come).
 
-    With ``ranks`` of several processes, each loads the model on its own device and runs its share
-    of every ``generate`` call; every rank gets all the completions back.
+    With ``ranks`` of several processes, each loads the model on its own device (hf) or one shard
+    of a vLLM engine (``tensor_parallel`` GPUs per engine) and runs its share of every ``generate``
+    call; every rank gets all the completions back.
     """
     if backend == "hf":
         from personaspace.models import load_model
+
+        if tensor_parallel != 1:
+            raise ValueError("parallel.tensor is the vllm backend's; the hf backend runs a whole model per rank")
 
         ranks = ranks or Ranks()
         model, tokenizer = load_model(model_path, device=ranks.device(device), dtype=dtype, adapter=adapter)
         return hf_generator(model, tokenizer, batch_size=batch_size, progress=progress, ranks=ranks)
     if backend == "vllm":
-        if ranks is not None and ranks.world > 1:
-            raise ValueError("the vllm backend runs in one process (vLLM starts its own workers); see stage_processes")
         from personaspace.vllm_backend import VLLMGenerator
 
-        return VLLMGenerator(model_path, adapter=adapter, loras=loras, dtype=dtype, progress=progress)
+        return VLLMGenerator(
+            model_path, adapter=adapter, loras=loras, dtype=dtype, progress=progress, ranks=ranks,
+            tensor_parallel=tensor_parallel,
+        )  # fmt: skip
     raise ValueError(f"unknown generation backend {backend!r}; use hf or vllm")

@@ -18,6 +18,14 @@ prefill through vLLM's automatic prefix caching.
 Sampled tokens differ from the hf backend's (another sampler, other noise); greedy tokens and
 fire rates agree (tests/test_vllm_backend.py, run in the vLLM environment). vLLM cannot host
 forward hooks or return hidden states: steering and probes stay on the hf backend.
+
+Several GPUs (README: Several GPUs): ``tensor_parallel`` GPUs hold one engine (vLLM's
+``tensor_parallel_size``). Under torchrun (``personaspace.distributed.launch``) every rank runs
+one shard of an engine through vLLM's ``external_launcher`` executor, ``world / tensor_parallel``
+engines run data parallel (``data_parallel_size``), each ``generate`` call's requests are cut into
+one contiguous block per engine (a persona's requests stay together for prefix caching) and the
+completions gathered on every rank. Each request keeps its own seed, so which engine samples it
+does not choose its noise.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from personaspace.distributed import Ranks, at_finish, gather
 from personaspace.generate import ChatRequest, Completion, Sampling
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -68,6 +77,8 @@ class VLLMGenerator:
         dtype: str = "auto",
         max_model_len: int | None = None,
         progress: bool = True,
+        ranks: Ranks | None = None,
+        tensor_parallel: int = 1,
     ):
         try:
             import vllm  # noqa: F401
@@ -85,6 +96,12 @@ class VLLMGenerator:
         self.max_model_len = max_model_len
         self.tokenizer = load_tokenizer(model_path)
         self.progress = progress
+        self.ranks = ranks or Ranks()
+        if self.ranks.world > 1 and self.ranks.world % tensor_parallel:
+            raise ValueError(
+                f"parallel.tensor: {tensor_parallel} does not divide {self.ranks.world} processes into whole engines"
+            )
+        self.tensor_parallel = tensor_parallel
         self.llm: Any = None
         self.stop_ids: frozenset[int] = frozenset()
         self._lora_ids: dict[str, int] = {}
@@ -101,7 +118,14 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         torch_dtype = resolve_dtype(self.dtype, "cpu" if cpu else "cuda")
         self._max_lora_rank = engine_lora_rank([lora_rank(a) for a in adapters])
+        parallel: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel}
+        if self.ranks.world > 1:  # torchrun's processes: one engine shard each, engines side by side
+            parallel |= {
+                "data_parallel_size": self.ranks.world // self.tensor_parallel,
+                "distributed_executor_backend": "external_launcher",
+            }
         self.llm = LLM(
+            **parallel,
             model=str(self.model_path),
             dtype=str(torch_dtype).removeprefix("torch."),
             enable_lora=bool(adapters),
@@ -112,6 +136,9 @@ class VLLMGenerator:
             enforce_eager=cpu,  # CUDA graphs on a GPU; the CPU build runs eagerly
             seed=0,  # every request brings its own seed; this only fixes the engine's default
         )
+        if self.ranks.world > 1:
+            # the engine's groups live on the stage's process group: shut it down before the stage leaves it
+            at_finish(self.llm.llm_engine.engine_core.shutdown)
         eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
         generation_eos = self.tokenizer.eos_token_id
         self.stop_ids = frozenset([*(eos if isinstance(eos, list) else [eos]), generation_eos]) - {None}
@@ -125,11 +152,6 @@ class VLLMGenerator:
         return LoRARequest(lora_name=adapter, lora_int_id=lora_id, lora_path=str(adapter))
 
     def generate(self, requests: Sequence[ChatRequest], sampling: Sampling) -> list[Completion]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        from personaspace.models import render_prompt
-
         if any(r.steering is not None for r in requests):
             raise ValueError(
                 "steered requests need the hf backend: vLLM cannot host forward hooks; set generation.backend: hf"
@@ -143,6 +165,25 @@ class VLLMGenerator:
                 f"this vLLM engine was started for LoRAs up to rank {self._max_lora_rank}; "
                 "pass every adapter in the first generate call, or load a new generator"
             )
+        # data parallel: one contiguous block of requests per engine (every shard of an engine gets the same)
+        config = self.llm.llm_engine.vllm_config.parallel_config
+        engine, engines = config.data_parallel_rank, config.data_parallel_size
+        share = range(len(requests) * engine // engines, len(requests) * (engine + 1) // engines)
+        mine = self._generate([requests[i] for i in share], [adapters[i] for i in share], sampling)
+        local = dict(zip(share, mine, strict=True))
+        completions = gather(local, self.ranks)
+        return [completions[i] for i in range(len(requests))]
+
+    def _generate(
+        self, requests: Sequence[ChatRequest], adapters: Sequence[str | None], sampling: Sampling
+    ) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from personaspace.models import render_prompt
+
+        if not requests:
+            return []
         prompts = [render_prompt(self.tokenizer, r.system, r.user) for r in requests]
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         params = [
