@@ -1,6 +1,7 @@
 """The README's screenshots, taken from this repo's real runs in headless Chromium.
 
     python scripts/screenshots.py --out docs/screenshots [--plots-revs HEAD] [--studies panel em_first]
+        [--shots mlflow plots reports] [--reports DIR]
 
 Writes, each from what the runs left here:
 - `mlflow_runs.png`: the MLflow runs table (`personaspace ui`'s first page), parent runs named
@@ -8,7 +9,8 @@ Writes, each from what the runs left here:
 - `mlflow_compare.png`: MLflow's comparison of the two newest parent runs (two panels or studies);
 - `mlflow_model.png`: a registered coupling adapter and its versions;
 - `plots_diff.png`: `dvc plots diff <revs>` (the workspace against each rev), drawn offline;
-- `report_<study>.png`: the top of each study's `reports/<study>/report.html`.
+- `report_<study>.png`: the top of each study's `reports/<study>/report.html` (``--reports``: another
+  checkout's reports folder, e.g. a clone that ran `dvc exp run -S study=em_first`).
 Needs `make browser` (Debian's chromium and its driver).
 """
 
@@ -22,6 +24,16 @@ from personaspace import browser
 from personaspace.tracking import EXPERIMENT, RUNS_TABLE_QUERY, runs_table_url
 
 ROOT = Path(__file__).resolve().parents[1]
+# MLflow 3.17 opens its assistant beside every page of a new browser profile; its close button
+ASSISTANT_CLOSE = 'button[data-component-id="mlflow.assistant.chat_panel.close"]'
+
+
+def _close_assistant(driver) -> None:
+    """Close MLflow's assistant panel (the profile remembers it for the later pages)."""
+    from selenium.webdriver.common.by import By
+
+    for button in driver.find_elements(By.CSS_SELECTOR, ASSISTANT_CLOSE):
+        button.click()
 
 
 def _full_height(driver, limit: int = 4000) -> None:
@@ -44,6 +56,7 @@ def mlflow_shots(driver, out: Path) -> list[Path]:
     written = []
     with browser.mlflow_server(ROOT / "mlflow.db") as url:
         browser.page_text(driver, runs_table_url(url, experiment.experiment_id), [parents[0].info.run_name])
+        _close_assistant(driver)
         driver.save_screenshot(str(out / "mlflow_runs.png"))
         written.append(out / "mlflow_runs.png")
         newest = {}  # the newest parent run of each study
@@ -81,10 +94,10 @@ def plots_shot(driver, out: Path, revisions: list[str], scratch: Path) -> Path:
     return out / "plots_diff.png"
 
 
-def report_shot(driver, out: Path, study: str) -> Path | None:
-    page = ROOT / "reports" / study / "report.html"
+def report_shot(driver, out: Path, study: str, reports: Path) -> Path | None:
+    page = reports / study / "report.html"
     if not page.is_file():
-        print(f"no {page.relative_to(ROOT)}: run the study first (skipped)", file=sys.stderr)
+        print(f"no {page}: run the study first (skipped)", file=sys.stderr)
         return None
     driver.get(page.as_uri())
     driver.save_screenshot(str(out / f"report_{study}.png"))
@@ -96,6 +109,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--plots-revs", nargs="*", default=["HEAD"], help="revisions `dvc plots diff` compares")
     parser.add_argument("--studies", nargs="*", default=["panel"], help="studies whose report is shot")
+    parser.add_argument("--reports", type=Path, default=ROOT / "reports", help="the folder of reports/<study>/")
+    parser.add_argument("--shots", nargs="*", default=["mlflow", "plots", "reports"], help="which views to shoot")
     args = parser.parse_args()
     reason = browser.unavailable()
     if reason:
@@ -104,11 +119,13 @@ def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch, browser.chromium(width=1800) as driver:
-        written = mlflow_shots(driver, args.out)
-        driver.set_window_size(1800, 1000)
-        written.append(plots_shot(driver, args.out, args.plots_revs, Path(scratch)))
-        driver.set_window_size(1800, 1000)
-        written += [p for p in (report_shot(driver, args.out, s) for s in args.studies) if p]
+        written = mlflow_shots(driver, args.out) if "mlflow" in args.shots else []
+        if "plots" in args.shots:
+            driver.set_window_size(1800, 1000)
+            written.append(plots_shot(driver, args.out, args.plots_revs, Path(scratch)))
+        if "reports" in args.shots:
+            driver.set_window_size(1800, 1000)
+            written += [p for p in (report_shot(driver, args.out, s, args.reports) for s in args.studies) if p]
     for path in written:
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
