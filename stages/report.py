@@ -22,6 +22,7 @@ from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path
 from personaspace.report import ReportInputs, compose, metrics_files
 from personaspace.report.card import (
+    command_overrides,
     git_state,
     hardware,
     input_hashes,
@@ -62,7 +63,8 @@ def main() -> None:
     with stage_run("report", {"study": study, "conditions": len(folders)}, study=study) as run:
         import mlflow
 
-        git = git_state(root)
+        overrides, exact = command_overrides(params, root)
+        git = git_state(root, params_from_command=exact)
         lock = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").is_file() else {}
         pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
         stages = [s for s in stage_names(pipeline, params) if not s.startswith("report@")]
@@ -72,7 +74,7 @@ def main() -> None:
             "packages": package_versions(),
             "inputs": input_hashes(lock, [*files, *map(str, folders)]),
             "stage_seconds": stage_seconds(tracking_uri(), study, stages),
-            "command": reproduce_command(params, git["commit"]),
+            "command": reproduce_command(params, git["commit"], overrides),
             "params_yaml": study_params_yaml(params),
         }
         text = compose(ReportInputs(params, metrics, completions, card, root=root, report_dir=args.out))

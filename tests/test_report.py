@@ -178,6 +178,34 @@ def test_a_changed_source_file_makes_the_tree_dirty_but_pipeline_outputs_do_not(
     (tmp_path / "code.py").write_text("x = 2\n")
     assert cards.git_state(tmp_path)["dirty"].startswith("yes: 1 tracked source/params files differ")
 
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "params.yaml").write_text("a: 1\n")  # not tracked yet: commit it, then change it
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p")
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert cards.git_state(tmp_path)["dirty"].startswith(
+        "yes: 1 tracked source/params files differ from the commit (params.yaml)"
+    )
+    assert cards.git_state(tmp_path, params_from_command=True)["dirty"].startswith("no (only pipeline-written")
+
+
+def test_the_reproduce_command_carries_every_override_of_an_experiment(tmp_path):
+    """params composed from this repo's conf/ with extra -S overrides: the card's command recomposes them exactly."""
+    overrides = ["study=em_first", "eval.temperature=0.5", "study.sources=[librarian,villain]",
+                 "datagen.user_suffix=' Be brief.'"]  # fmt: skip
+    compose_params(tmp_path / "params.yaml", overrides, conf_dir=REPO / "conf")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    found, exact = cards.command_overrides(params, REPO)
+    assert exact and found == ["study=em_first", "scale=laptop", "personas=12", "model=smollm2-135m-instruct",
+                               'datagen.user_suffix=" Be brief."', "eval.temperature=0.5",
+                               'study.sources=["librarian", "villain"]']  # fmt: skip
+    import shlex
+
+    words = shlex.split(cards.reproduce_command(params, "abc", found).split(" && ")[-1])  # as the shell passes them
+    assert words[words.index("run") + 1 :] == [w for o in found for w in ("-S", o)]
+    params["graph"]["report"] = {}  # a derived key no composition gives: the card cannot claim the command
+    assert cards.command_overrides(params, REPO)[1] is False
+
 
 def test_an_s4_report_states_each_decision_from_the_analysis_summary(tmp_path):
     from personaspace.analyses.train_steering import analyze_train_steering, summary_line

@@ -49,11 +49,12 @@ def register_resolver() -> None:
     OmegaConf.register_new_resolver(RESOLVER, _composed_digest, replace=True)
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Leaf values by dotted key (an empty mapping is a leaf)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         is_branch = isinstance(value, Mapping) and value
-        out.update(_flat(value, f"{prefix}{key}.") if is_branch else {f"{prefix}{key}": value})
+        out.update(flat_keys(value, f"{prefix}{key}.") if is_branch else {f"{prefix}{key}": value})
     return out
 
 
@@ -92,7 +93,7 @@ def hand_edit_report(path: Path | str) -> str | None:
     old = _committed(path)
     overrides = ""
     if old is not None and isinstance(old.get(KEY), Mapping) and old[KEY].get("sha256") == params_digest(old):
-        now, was = _flat(data), _flat(old)
+        now, was = flat_keys(data), flat_keys(old)
         changed = [k for k in sorted(set(now) | set(was)) if not k.startswith(f"{KEY}.") and now.get(k) != was.get(k)]
         lines.append("Differences from the committed params.yaml:")
         lines += [f"  {k}: {was.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in changed]

@@ -6,9 +6,12 @@ every field has a value (a field that cannot be known says why, never blank).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shlex
 import subprocess
+import tempfile
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -21,11 +24,17 @@ PACKAGES = ("personaspace", "torch", "transformers", "peft", "trl", "accelerate"
 
 
 def git_state(
-    root: Path, written: Iterable[str] = ("dvc.lock", "metrics/", "plots/", "timings.json")
+    root: Path,
+    written: Iterable[str] = ("dvc.lock", "metrics/", "plots/", "timings.json"),
+    params_from_command: bool = False,
 ) -> dict[str, str]:
     """The commit HEAD points at and whether tracked files differ from it. Files the pipeline itself writes
     (``written``: dvc.lock, the git-tracked metrics and plot tables, the wall times) are listed apart: during `dvc repro`
-    they differ by design, while a changed source or params file means the run is not the commit's."""
+    they differ by design, while a changed source or params file means the run is not the commit's.
+    ``params_from_command``: params.yaml is what the card's command composes (`dvc exp run -S ...`), so a
+    params.yaml that differs from the commit's is listed apart too."""
+    if params_from_command:
+        written = (*written, "params.yaml")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
@@ -130,11 +139,56 @@ def stage_names(pipeline: Mapping[str, Any], params: Mapping[str, Any]) -> list[
     return names
 
 
-def reproduce_command(params: Mapping[str, Any], commit: str) -> str:
+# params composition derives from the others (the study's stage items, the panel); never an override
+DERIVED = ("graph", "panel", "panels", "_panel_key", "_composed")
+
+
+def _override(key: str, value: Any) -> str:
+    """One Hydra override ``key=value`` (values in JSON, which Hydra's grammar reads)."""
+    return (
+        f"{key}={value}"
+        if isinstance(value, str) and value.replace("-", "").replace("_", "").isalnum()
+        else (f"{key}={json.dumps(value)}")
+    )
+
+
+def _compose(root: Path, overrides: list[str]) -> dict[str, Any]:
+    """params.yaml as `dvc exp run -S ...` composes it from ``root/conf`` (DVC's own Hydra call)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "params.yaml"
+        compose_and_dump(out, str(root / "conf"), None, "config", str(root), overrides)
+        return yaml.safe_load(out.read_text())
+
+
+def command_overrides(params: Mapping[str, Any], root: Path) -> tuple[list[str], bool]:
+    """The `-S` overrides that compose ``params`` from ``root/conf``, and whether composing them gives it exactly.
+
+    The study, scale, panel and model, then every other leaf key whose value differs from what those
+    four compose to (so `dvc exp run -S eval.temperature=0.5` is carried into the command).
+    """
+    from personaspace.params_guard import flat_keys, params_digest
+
+    base = [f"study={params['study']['name']}", f"scale={params['scale']}", f"personas={params['personas']}",
+            f"model={params['model']}"]  # fmt: skip
+    try:
+        composed = _compose(root, base)
+        was, now = flat_keys(composed), flat_keys(params)
+        extra = [_override(k, now[k]) for k in sorted(now) if not k.startswith(DERIVED) and was.get(k) != now[k]]
+        exact = params_digest(_compose(root, base + extra) if extra else composed) == params_digest(params)
+    except Exception:  # conf/ no longer composes (or params.yaml was hand-edited): the card counts params.yaml dirty
+        return base, False
+    return base + extra, exact
+
+
+def reproduce_command(params: Mapping[str, Any], commit: str, overrides: list[str] | None = None) -> str:
     """The shell commands that rebuild this report from a clone: the commit, then the study's experiment."""
-    overrides = [f"-S study={params['study']['name']}", f"-S scale={params['scale']}",
-                 f"-S personas={params['personas']}", f"-S model={params['model']}"]  # fmt: skip
-    return f"git checkout {commit} && make setup && .venv/bin/dvc exp run " + " ".join(overrides)
+    if overrides is None:
+        overrides = [f"study={params['study']['name']}", f"scale={params['scale']}",
+                     f"personas={params['personas']}", f"model={params['model']}"]  # fmt: skip
+    flags = " ".join(f"-S {shlex.quote(o)}" for o in overrides)
+    return f"git checkout {commit} && make setup && .venv/bin/dvc exp run {flags}"
 
 
 def study_params_yaml(params: Mapping[str, Any]) -> str:
