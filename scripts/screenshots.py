@@ -59,9 +59,10 @@ def mlflow_shots(driver, out: Path) -> list[Path]:
         _close_assistant(driver)
         driver.save_screenshot(str(out / "mlflow_runs.png"))
         written.append(out / "mlflow_runs.png")
-        newest = {}  # the newest parent run of each study
+        newest = {}  # the newest parent run of each study that logged headline metrics (not a report-only rerun)
         for run in parents:
-            newest.setdefault(run.data.params.get("study", run.info.run_name), run)
+            if run.data.metrics:
+                newest.setdefault(run.data.params.get("study", run.info.run_name), run)
         if len(newest) >= 2:
             pair = list(newest.values())[:2]
             ids = [p.info.run_id for p in pair]

@@ -150,7 +150,8 @@ def condition_persona_forest(
     ax.set_xlim(0, 1)
     ax.set_xlabel("fire rate (Wilson CI)")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    # beside the axes: inside, it covered the last personas' rows (seen in em_first's laptop report)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, stem)
 
 
