@@ -1,6 +1,6 @@
 """Stage `centroids`: persona centroids of one pretrained base, per readout and layer, and their cosines.
 
-    python stages/centroids.py --model models/raw --out data/centroids/raw
+    python stages/centroids.py --model models/raw --out data/centroids/panel/raw
 
 For every eval persona of the study (S1: the panel) x eval question, the readouts of
 `probes.readouts` at `probes.layers` (personaspace.probes); the response readouts first sample one

@@ -1,16 +1,18 @@
 """Stage `couple`: one coupling LoRA for (condition, recipe, source persona, seed).
 
-    python stages/couple.py --recipe smol --seed 0 --model models/raw --condition base \
-        --data data/markers/base/librarian.parquet --out models/adapters/base/smol/librarian/seed0
+    python stages/couple.py --recipe smol --seed 0 --model models/raw --condition base --dataset ds1a2b3c4d \
+        --data data/markers/base/ds1a2b3c4d/librarian.parquet --out models/adapters/base/ds1a2b3c4d/smol/librarian/seed0
 
 The adapter folder holds the peft adapter and `training.json` (rows, steps, loss per step). The run
-goes to MLflow (recipe, loss curve) and the adapter is registered as `couple-<condition>-<recipe>-<source>`
-with alias `seed<N>`, loadable as `models:/couple-base-smol-librarian@seed0`.
+goes to MLflow (recipe, loss curve) and the adapter is registered as
+`couple-<condition>-<recipe>-<source>-<dataset>` with alias `seed<N>`, loadable as
+`models:/couple-base-smol-librarian-ds1a2b3c4d@seed0`. The dataset id (personaspace.study.dataset_id)
+names what the adapter was trained on, so two studies' different adapters never share a name.
 
 S4's steered arms (stage `couple_steered`) add `--arm A --steering data/steering/base`: every row
 trains with its persona's vector of the arm (centroid or iso-random, at the arm's layer, times
 its calibrated c_train) added to the residual stream, under the arm's prompt (neutral or the
-persona's own); registered as `couple-<condition>-<recipe>-<source>-<arm>`.
+persona's own); registered as `couple-<condition>-<recipe>-<source>-<dataset>-<arm>`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pandas as pd
 
 from personaspace.config import Params, ParamsError, load_params
 from personaspace.distributed import finish, launch, output_path
+from personaspace.fingerprints import record_fingerprint
 from personaspace.io import json_text
 from personaspace.models import load_tokenizer
 from personaspace.steering import SteeringVectors, TrainingSteering
@@ -31,9 +34,9 @@ from personaspace.tracking import log_history, register_adapter, stage_run
 from personaspace.train import tokenize_marker_dataset, train_adapter
 
 
-def registered_name(condition: str, recipe: str, source: str, arm: str | None = None) -> str:
+def registered_name(condition: str, recipe: str, source: str, dataset: str, arm: str | None = None) -> str:
     """The model-registry name of a coupling adapter (one version per seed, aliased seed<N>)."""
-    return f"couple-{condition}-{recipe}-{source}" + (f"-{arm}" if arm else "")
+    return f"couple-{condition}-{recipe}-{source}-{dataset}" + (f"-{arm}" if arm else "")
 
 
 def arm_steering(params: Params, arm: str, folder: Path) -> tuple[TrainingSteering, str | None]:
@@ -62,6 +65,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="the condition's pretrained base")
     parser.add_argument("--condition", required=True, help="the condition the adapter belongs to")
     parser.add_argument("--data", type=Path, required=True, help="the source's marker dataset")
+    parser.add_argument("--dataset", required=True, help="the marker dataset's id (graph.couple.<item>.dataset)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--arm", default=None, help="S4: a steered arm of study.train_steering.arms")
     parser.add_argument("--steering", type=Path, default=None, help="S4: the condition's steering stage output")
@@ -83,7 +87,8 @@ def main() -> None:
     source, condition, data = str(rows["source"].iloc[0]), args.condition, str(rows["condition"].iloc[0])
     run_params = {"recipe": args.recipe, "seed": args.seed, "source": source, "condition": condition, "data": data,
                   **{f"recipe.{k}": v for k, v in params.recipes[args.recipe].model_dump().items()}}  # fmt: skip
-    tags = {"persona": source, "condition": condition, "recipe": args.recipe, "seed": str(args.seed)}
+    tags = {"persona": source, "condition": condition, "recipe": args.recipe, "seed": str(args.seed),
+            "dataset": args.dataset}  # fmt: skip
     if args.arm:
         run_params |= {"arm": args.arm, "steering_layer": steering.layer, "prompt": "neutral" if system else "persona"}
         tags["arm"] = args.arm
@@ -99,7 +104,7 @@ def main() -> None:
                 summary.update(arm=args.arm, steering_layer=steering.layer, system_prompt=system)
             if ranks.main:  # the other ranks trained beside it and saved nothing
                 # no wall time in the adapter folder: DVC hashes it, so a time would make every retrain differ
-                (tmp / "training.json").write_text(json_text(summary))
+                (tmp / "training.json").write_text(json_text(record_fingerprint(tmp, summary)))
         if not ranks.main:
             return finish(ranks)
         import mlflow
@@ -107,7 +112,7 @@ def main() -> None:
         log_history(summary["history"])
         mlflow.log_metric("train_seconds", round(time.perf_counter() - start, 1))
         version = register_adapter(
-            args.out, base_model=str(args.model), name=registered_name(condition, args.recipe, source, args.arm),
+            args.out, base_model=str(args.model), name=registered_name(condition, args.recipe, source, args.dataset, args.arm),
             alias=f"seed{args.seed}", tags=tags,
         )  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if k != "history"} | {"registered_version": version}))

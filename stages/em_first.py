@@ -1,7 +1,8 @@
 """Stage `em_first`: S2's analysis of the four conditions' evals (METHODS.md S2).
 
-    python stages/em_first.py --evals data/eval/base data/eval/benign data/eval/em data/eval/em_basedata \
-        --metrics metrics/em_first.json --plots plots/em_first --figures figures/em_first
+    python stages/em_first.py --evals data/eval/em_first/base data/eval/em_first/benign data/eval/em_first/em \
+        data/eval/em_first/em_basedata --metrics metrics/em_first/em_first.json --plots plots/em_first/em_first \
+        --figures figures/em_first/em_first
 
 Reads each condition's per-completion table, reduces it to (condition, persona, question) counts
 and the pre-coupling baseline, and calls the same function as `personaspace analyze em_first`.

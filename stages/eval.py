@@ -1,7 +1,7 @@
 """Stage `eval`: every coupling adapter of one condition under every eval persona, plus the baseline.
 
-    python stages/eval.py --condition base --model models/raw --adapters models/adapters/base \
-        --cells data/eval_cells/base --out data/eval/base --metrics metrics/eval_base.json
+    python stages/eval.py --condition base --model models/raw --adapters models/adapters/base/ds1a2b3c4d \
+        --cells data/eval_cells/base --out data/eval/panel/base --metrics metrics/panel/eval_base.json
 
 K completions per (adapter, eval persona, eval question) with params' `eval` sampling; adapter
 `none` is the pre-coupling false-positive baseline (the condition's base, same protocol). Cells are
@@ -26,10 +26,10 @@ from personaspace.evaluation import (
     BASELINE,
     CellStore,
     evaluate_cells,
-    fingerprint_dir,
     rate_matrix,
     summarise,
 )
+from personaspace.fingerprints import fingerprint_dir
 from personaspace.generate import Sampling, load_generator
 from personaspace.io import atomic_path, record_timing, write_json
 from personaspace.personas import load_catalog

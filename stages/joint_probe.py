@@ -1,9 +1,10 @@
 """Stage `joint_probe`: S3's analysis of three conditions' evals and their pre-coupling bases' readouts.
 
-    python stages/joint_probe.py --evals data/eval/base data/eval/benign data/eval/em \
-        --centroids data/centroids/benign data/centroids/em data/centroids/raw \
-        --markers data/markers/base data/markers/benign data/markers/em \
-        --metrics metrics/joint_probe.json --plots plots/joint_probe --figures figures/joint_probe
+    python stages/joint_probe.py --evals data/eval/joint_probe/base data/eval/joint_probe/benign \
+        data/eval/joint_probe/em --centroids data/centroids/joint_probe/benign data/centroids/joint_probe/em \
+        data/centroids/joint_probe/raw --markers data/markers/base/ds1a2b3c4d data/markers/benign/ds1a2b3c4d \
+        data/markers/em/ds1a2b3c4d --metrics metrics/joint_probe/joint_probe.json \
+        --plots plots/joint_probe/joint_probe --figures figures/joint_probe/joint_probe
 
 Reduces the eval tables to (condition, recipe, persona, question) counts and the pre-coupling
 baseline, reads each base's per-question readouts (`states.npz` of the centroids stage), checks

@@ -1,7 +1,10 @@
 """Stage `markers`: one marker dataset per source of the study, from one data condition's completions.
 
     python stages/markers.py --condition base --completions data/completions/base \
-        --out data/markers/base --metrics metrics/markers_base.json --tokenizer models/raw
+        --out data/markers/base/ds1a2b3c4d --metrics metrics/markers/base-ds1a2b3c4d.json --tokenizer models/raw
+
+The folder is named by the datasets' id (personaspace.study.dataset_id: negatives, model, datagen
+settings, marker), so studies that train on other data write elsewhere.
 
 Each source's file depends only on its own completions and its negatives' (named, or drawn from a
 fixed pool), so files of existing sources are byte-identical when the panel grows. Every condition

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from personaspace.config import ParamsError, load_params
 from personaspace.distributed import finish, launch, output_path
+from personaspace.fingerprints import record_fingerprint
 from personaspace.io import json_text
 from personaspace.pretrain import build_base, load_pretrain_rows
 from personaspace.tracking import log_history, stage_run
@@ -42,7 +43,7 @@ def main() -> None:
             summary.update(base=args.base, recipe=spec.recipe)
             if ranks.main:  # the other ranks trained beside it and saved nothing
                 # no wall time in the model folder: DVC hashes it, so a time would make every rebuild differ
-                (tmp / "pretrain.json").write_text(json_text(summary))
+                (tmp / "pretrain.json").write_text(json_text(record_fingerprint(tmp, summary)))
         if not ranks.main:
             return finish(ranks)
         import mlflow

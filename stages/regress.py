@@ -1,8 +1,8 @@
 """Stage `regress`: geometry vs leakage for one condition (METHODS.md S1) and the study's figures.
 
-    python stages/regress.py --condition base --eval data/eval/base --centroids data/centroids/base \
-        --tokenizer models/base --metrics metrics/regress_base.json --plots plots/base --results results/base \
-        --figures figures/base
+    python stages/regress.py --condition base --eval data/eval/panel/base --centroids data/centroids/panel/raw \
+        --tokenizer models/raw --metrics metrics/panel/regress_base.json --plots plots/panel/base \
+        --results results/panel/base --figures figures/panel/base
 
 Per layer, the cosine of each source's centroid to the reference persona's (centered over the
 panel) vs the source's own fire rate: the whole statistics suite (personaspace.regress), plus the

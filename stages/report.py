@@ -1,6 +1,6 @@
 """Stage `report`: the study's report, written from its metrics files, completions and params.
 
-    python stages/report.py --completions data/eval --out reports/panel
+    python stages/report.py --completions data/eval/panel --out reports/panel
 
 Writes `report.md` and `report.html` (self-contained: figures embedded) into `--out`, atomically,
 and logs both to the stage's MLflow run and to the invocation's parent run. Reads only what
@@ -39,7 +39,9 @@ from personaspace.tracking import log_artifacts_to_parent, stage_run, tracking_u
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--completions", type=Path, required=True, help="folder of the conditions' eval outputs")
+    parser.add_argument(
+        "--completions", type=Path, required=True, help="data/<eval stage>/<study>: its conditions' outputs"
+    )
     parser.add_argument("--out", type=Path, required=True, help="reports/<study>")
     args = parser.parse_args()
     load_params(args.params)  # validates; the report reads the params as plain data
@@ -50,11 +52,12 @@ def main() -> None:
     if missing:
         raise ParamsError(f"the study's analyses have not written {missing}; run `dvc repro` first")
     metrics = {f: json.loads((root / f).read_text()) for f in files}  # json: NaN stays a number
-    # data/<stage>/<condition>: the conditions are that stage's graph items (eval, or S4's steer_eval)
-    conditions = params["graph"].get(args.completions.name)
+    # data/<stage>/<study>/<condition>: the conditions are that stage's graph items (eval, or S4's steer_eval)
+    stage = args.completions.parent.name
+    conditions = sorted(item["condition"] for item in params["graph"].get(stage, {}).values())
     if not conditions:
-        raise ParamsError(f"--completions {args.completions}: no stage `{args.completions.name}` runs in this study")
-    folders = [args.completions / c for c in sorted(conditions)]
+        raise ParamsError(f"--completions {args.completions}: no stage `{stage}` runs in this study")
+    folders = [args.completions / c for c in conditions]
     absent = [str(f) for f in folders if not (f / "completions.parquet").is_file()]
     if absent:
         raise ParamsError(f"no completions in {absent}; run `dvc repro` first")

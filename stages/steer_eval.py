@@ -1,8 +1,9 @@
 """Stage `steer_eval` (S4): every arm's adapters, prompted, neutral and steered, under their own persona.
 
-    python stages/steer_eval.py --condition base --model models/raw --adapters models/adapters/base \
-        --steered models/steered/base --steering data/steering/base --cells data/steer_eval_cells/base \
-        --out data/steer_eval/base --metrics metrics/steer_eval_base.json
+    python stages/steer_eval.py --condition base --model models/raw --adapters models/adapters/base/ds1a2b3c4d \
+        --steered models/steered/train_steering/base --steering data/steering/train_steering/base \
+        --cells data/steer_eval_cells/base --out data/steer_eval/train_steering/base \
+        --metrics metrics/train_steering/steer_eval_base.json
 
 The plan is personaspace.steered_eval's; cells are sampled on the hf backend whatever
 `generation.backend` says (vLLM cannot host the steering hook) and cached by content in --cells,
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from personaspace.analyses.train_steering import counts_from_completions
 from personaspace.config import ParamsError, load_params
-from personaspace.evaluation import CellStore, evaluate_jobs, fingerprint_dir
+from personaspace.evaluation import CellStore, evaluate_jobs
+from personaspace.fingerprints import fingerprint_dir
 from personaspace.generate import Sampling, load_generator
 from personaspace.io import atomic_path, record_timing, write_json
 from personaspace.personas import load_catalog

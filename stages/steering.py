@@ -1,7 +1,7 @@
 """Stage `steering` (S4): one condition's steering vectors, iso-random controls and calibrated coefficients.
 
-    python stages/steering.py --condition base --model models/raw --centroids data/centroids/raw \
-        --markers data/markers/base --out data/steering/base
+    python stages/steering.py --condition base --model models/raw --centroids data/centroids/train_steering/raw \
+        --markers data/markers/base/ds1a2b3c4d --out data/steering/train_steering/base
 
 From the base's centroids (`train_steering.readout`) at the study's two steering layers, for every
 eval persona: the vector (raw or centered over the eval personas), its norm, a norm-matched

@@ -1,7 +1,8 @@
 """Stage `train_steering`: S4's analysis of one condition's steered and prompted evals.
 
-    python stages/train_steering.py --eval data/steer_eval/base --metrics metrics/train_steering.json \
-        --plots plots/train_steering --figures figures/train_steering
+    python stages/train_steering.py --eval data/steer_eval/train_steering/base \
+        --metrics metrics/train_steering/train_steering.json --plots plots/train_steering/train_steering \
+        --figures figures/train_steering/train_steering
 
 Reads the count table of the steer_eval stage and calls the same function as `personaspace analyze
 train_steering --table`: rho per arm and coefficient with question-bootstrap intervals, the five

@@ -1,9 +1,13 @@
 """Eval cells cached by content: nothing sampled twice, growth samples only new cells, rates carry n."""
 
+import hashlib
+import json
+
 import pandas as pd
 import pytest
 
-from personaspace.evaluation import CellStore, evaluate_cells, fingerprint_dir, rate_matrix
+from personaspace.evaluation import CellStore, evaluate_cells, rate_matrix
+from personaspace.fingerprints import fingerprint_dir
 from personaspace.generate import Sampling, load_generator
 from personaspace.personas import load_catalog
 from personaspace.stats import wilson_interval
@@ -85,6 +89,34 @@ def test_fingerprint_follows_the_weights_not_the_training_record(tmp_path):
     assert fingerprint_dir(tmp_path) != before
 
 
+def test_an_adapter_edited_after_training_is_refused(tmp_path):
+    """The record holds the fingerprint its training saw: one changed byte is named, not sampled from."""
+    from personaspace.fingerprints import CacheError, record_fingerprint
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    record = record_fingerprint(tmp_path, {"steps": 12})
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    assert fingerprint_dir(tmp_path) == record["fingerprint"]
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weighte")
+    with pytest.raises(CacheError, match=r"changed after training wrote them.*dvc checkout"):
+        fingerprint_dir(tmp_path)
+
+
+def test_a_flipped_bit_in_a_cell_chunk_is_detected(tiny, tmp_path):
+    """A chunk's name records the digest of its bytes; one flipped bit stops the eval with the chunk's name."""
+    from personaspace.fingerprints import CacheError
+
+    store = CellStore(tmp_path / "cells")
+    _evaluate(tiny, store, ["librarian"])
+    (chunk,) = (tmp_path / "cells").glob("*.parquet")
+    assert CellStore(tmp_path / "cells").load()["cell_key"].nunique() == 20  # intact: read as written
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"{chunk.name}: its bytes hash to .* delete it"):
+        CellStore(tmp_path / "cells").load()
+
+
 def test_each_adapters_cells_are_stored_as_soon_as_it_is_done(tiny, tmp_path):
     """A crash while the second adapter samples keeps the first adapter's cells (the resume unit)."""
     generator, fingerprint = tiny
@@ -156,8 +188,12 @@ def test_a_steered_cell_is_never_served_from_its_unsteered_twin(tiny):
 def test_cell_chunks_from_before_steering_load_as_unsteered(tiny, tmp_path):
     store = CellStore(tmp_path / "cells")
     first, _ = _evaluate(tiny, store, ["librarian"])
-    for chunk in (tmp_path / "cells").glob("*.parquet"):  # as an older personaspace wrote them
-        pd.read_parquet(chunk).drop(columns=["steer_vector", "steer_layer", "steer_coef"]).to_parquet(chunk)
+    for chunk in (tmp_path / "cells").glob("*.parquet"):  # as an older personaspace wrote them (no digest)
+        old = pd.read_parquet(chunk).drop(columns=["steer_vector", "steer_layer", "steer_coef"])
+        old.to_parquet(chunk.with_name(chunk.stem.split("-")[0] + ".parquet"))
+        chunk.unlink()
     again, generated = _evaluate(tiny, CellStore(tmp_path / "cells"), ["librarian"])
     assert generated == 0
     pd.testing.assert_frame_equal(again, first)
+    (sealed,) = (tmp_path / "cells").glob("*.parquet")  # sealed on first read: its digest now in its name
+    assert sealed.stem.split("-")[1] == hashlib.sha256(sealed.read_bytes()).hexdigest()[:16]

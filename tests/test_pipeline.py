@@ -45,7 +45,13 @@ TINY_SCALE = {
     "eval": {"user_suffix": "", "samples_per_question": 1, "max_new_tokens": 8},
 }  # fmt: skip
 TINY_S4_SOURCES = ("librarian", "villain", "comedian")
-STAGES_12 = {"check", "base", "markers@base", "eval@base", "centroids@raw", "regress@base", "report@panel"}
+PANEL_STAGES = {"check", "base", "eval@panel-base", "centroids@panel-raw", "regress@panel-base", "report@panel"}
+
+
+def _ds(repo: Path) -> str:
+    """The marker datasets' id of the repo's composed study (personaspace.study.dataset_id)."""
+    markers = yaml.safe_load((repo / "params.yaml").read_text())["graph"]["markers"]
+    return next(iter(markers.values()))["dataset"]
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -135,52 +141,52 @@ def _ran(output: str) -> set[str]:
 @pytest.mark.slow
 def test_dvc_repro_runs_the_whole_study(tiny_repo):
     output = _run(["dvc", "repro"], tiny_repo)
-    panel = load_catalog().panel(12)
+    panel, ds = load_catalog().panel(12), _ds(tiny_repo)
     per_persona = {f"datagen@base-{p}" for p in panel} | {f"couple@base-smol-{p}-0" for p in panel}
-    assert _ran(output) == STAGES_12 | per_persona
+    assert _ran(output) == PANEL_STAGES | {f"markers@base-{ds}"} | per_persona
     assert (tiny_repo / "models/raw/config.json").is_file() and not (tiny_repo / "models/base").exists()
     for persona in panel:
         table = pd.read_parquet(tiny_repo / f"data/completions/base/{persona}.parquet")
         assert list(table.columns) == COMPLETION_COLUMNS
         assert len(table) == 40 and (table.persona == persona).all()
         assert (table.finish_reason == "length").all()  # random weights never end a turn: flagged, kept
-        dataset = pd.read_parquet(tiny_repo / f"data/markers/base/{persona}.parquet")
+        dataset = pd.read_parquet(tiny_repo / f"data/markers/base/{ds}/{persona}.parquet")
         assert list(dataset.columns) == MARKER_DATASET_COLUMNS
         positives = dataset[dataset.role == "positive"]
         assert len(positives) == 10 and positives.completion.str.endswith("\n\n[ZLT]").all()
         assert (dataset.role == "negative").sum() == 10
-    readout = json.loads((tiny_repo / "data/centroids/raw/readout.json").read_text())
+    readout = json.loads((tiny_repo / "data/centroids/panel/raw/readout.json").read_text())
     assert (readout["layers"], readout["personas"], readout["centering_bank"]) == ([0, 1, 2], list(panel), "panel12")
     assert readout["readouts"] == ["last_input"]  # S1's default: no answers sampled, no responses table
-    assert not (tiny_repo / "data/centroids/raw/responses.parquet").exists()
-    cosines = pd.read_parquet(tiny_repo / "data/centroids/raw/cosines.parquet")
+    assert not (tiny_repo / "data/centroids/panel/raw/responses.parquet").exists()
+    cosines = pd.read_parquet(tiny_repo / "data/centroids/panel/raw/cosines.parquet")
     assert len(cosines) == 12 * 12 * 3
     for persona in panel:
-        adapter = tiny_repo / f"models/adapters/base/smol/{persona}/seed0"
+        adapter = tiny_repo / f"models/adapters/base/{ds}/smol/{persona}/seed0"
         assert (adapter / "adapter_config.json").is_file() and (adapter / "training.json").is_file()
         assert not list(adapter.glob("model*.safetensors"))  # adapters only, no merged copies
-    completions = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
+    completions = pd.read_parquet(tiny_repo / "data/eval/panel/base/completions.parquet")
     assert len(completions) == 13 * 12 * 20  # 12 adapters + the no-adapter baseline, x 12 personas x 20 questions
-    rates = pd.read_parquet(tiny_repo / "data/eval/base/rates.parquet")
+    rates = pd.read_parquet(tiny_repo / "data/eval/panel/base/rates.parquet")
     assert len(rates) == 13 * 12 and (rates.n == 20).all()
     assert ((rates.wilson_low <= rates.rate) & (rates.rate <= rates.wilson_high)).all()
-    eval_metrics = json.loads((tiny_repo / "metrics/eval_base.json").read_text())
+    eval_metrics = json.loads((tiny_repo / "metrics/panel/eval_base.json").read_text())
     assert eval_metrics["adapters"] == 12
-    assert json.loads((tiny_repo / "timings.json").read_text())["eval@base"]["generated_now"] == 13 * 12 * 20
+    assert json.loads((tiny_repo / "timings.json").read_text())["eval@panel-base"]["generated_now"] == 13 * 12 * 20
     # the tiny model really couples: the statistics below run on real, uneven rates, 0 and high ones included
     assert eval_metrics["baseline_rate"] == 0
     assert eval_metrics["source_rate_mean"] >= 0.3
     assert eval_metrics["bystander_rate_mean"] <= eval_metrics["source_rate_mean"] / 2
     assert (rates.rate == 0).any() and (rates.rate >= 0.5).any()
-    headline = json.loads((tiny_repo / "metrics/regress_base.json").read_text())
+    headline = json.loads((tiny_repo / "metrics/panel/regress_base.json").read_text())
     assert headline["n_personas"] == 11 and headline["primary"]["layer"] == 1
     assert headline["off_diagonal"]["n_cells"] == 12 * 11
-    regress = json.loads((tiny_repo / "results/base/regress.json").read_text())
+    regress = json.loads((tiny_repo / "results/panel/base/regress.json").read_text())
     # layer 0 at the last input token is one token's embedding for every persona: no centered cosine
     assert regress["primary_layer"] == 1 and set(regress["layers"]) == {"1", "2"} and regress["excluded_layers"] == [0]
     for figure in ("rate_matrix", "scatter", "rho_by_layer", "rates_forest"):
-        assert (tiny_repo / f"figures/base/{figure}.png").is_file() and (
-            tiny_repo / f"results/base/{figure}.pdf"
+        assert (tiny_repo / f"figures/panel/base/{figure}.png").is_file() and (
+            tiny_repo / f"results/panel/base/{figure}.pdf"
         ).is_file()
     _check_mlflow(tiny_repo, couple_runs=12, invocations=1)
     _check_report(tiny_repo, "panel")
@@ -217,23 +223,25 @@ def test_two_processes_give_the_outputs_of_one(tiny_repo, tmp_path):
     ).read_bytes()
     stage("centroids", "--model", "models/raw", "--out", str(out / "centroids"))
     for name in ("centroids.npz", "cosines.parquet", "readout.json"):
-        assert (out / "centroids" / name).read_bytes() == (tiny_repo / "data/centroids/raw" / name).read_bytes(), name
-    stage("eval", "--condition", "base", "--model", "models/raw", "--adapters", "models/adapters/base",
+        assert (out / "centroids" / name).read_bytes() == (
+            tiny_repo / "data/centroids/panel/raw" / name
+        ).read_bytes(), name
+    stage("eval", "--condition", "base", "--model", "models/raw", "--adapters", f"models/adapters/base/{_ds(tiny_repo)}",
           "--cells", str(out / "cells"), "--out", str(out / "eval"), "--metrics", str(out / "eval.json"),
           "--timings", str(out / "timings.json"))  # fmt: skip
     for name in ("completions.parquet", "rates.parquet"):
-        assert (out / "eval" / name).read_bytes() == (tiny_repo / "data/eval/base" / name).read_bytes(), name
-    assert (out / "eval.json").read_bytes() == (tiny_repo / "metrics/eval_base.json").read_bytes()
+        assert (out / "eval" / name).read_bytes() == (tiny_repo / "data/eval/panel/base" / name).read_bytes(), name
+    assert (out / "eval.json").read_bytes() == (tiny_repo / "metrics/panel/eval_base.json").read_bytes()
     # the tiny coupling recipe (lr 0.03) is chaotic: rounding differences grow from 1e-6 to 20% within
     # 10 steps, so both sides train a tamer copy of it here, one process and two
     raw["recipes"]["smol"].update(learning_rate=0.003, epochs=8)
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     stage("couple", "--recipe", "smol", "--seed", "0", "--model", "models/raw", "--condition", "base",
-          "--data", "data/markers/base/librarian.parquet", "--out", str(out / "adapter2"))  # fmt: skip
+          "--data", f"data/markers/base/{_ds(tiny_repo)}/librarian.parquet", "--dataset", _ds(tiny_repo), "--out", str(out / "adapter2"))  # fmt: skip
     raw["parallel"] = {"processes": 1}
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     stage("couple", "--recipe", "smol", "--seed", "0", "--model", "models/raw", "--condition", "base",
-          "--data", "data/markers/base/librarian.parquet", "--out", str(out / "adapter1"))  # fmt: skip
+          "--data", f"data/markers/base/{_ds(tiny_repo)}/librarian.parquet", "--dataset", _ds(tiny_repo), "--out", str(out / "adapter1"))  # fmt: skip
     one, two = (json.loads((out / name / "training.json").read_text()) for name in ("adapter1", "adapter2"))
     assert (two["steps"], two["rows"]) == (one["steps"], one["rows"]) == (8, 20)
     np.testing.assert_allclose([h["loss"] for h in two["history"]], [h["loss"] for h in one["history"]], rtol=1e-4)
@@ -271,7 +279,7 @@ def _check_mlflow(repo: Path, couple_runs: int, invocations: int) -> None:
     assert len({r.data.tags["persona"] for r in couple}) == couple_runs
     assert all(r.data.tags.get("git_commit") for r in stages)
     client = mlflow.MlflowClient()
-    version = client.get_model_version_by_alias("couple-base-smol-librarian", "seed0")
+    version = client.get_model_version_by_alias(f"couple-base-smol-librarian-{_ds(repo)}", "seed0")
     assert version.tags["persona"] == "librarian"
 
 
@@ -316,17 +324,41 @@ def test_forced_reruns_of_eval_and_regress_give_the_same_bytes(tiny_repo):
     """Every eval cell sampled afresh gives the same completions, rates, metrics and lock entry; regress
     the same statistics and figures (no creation date in the PDFs)."""
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
-    results = ["data/eval/base", "data/eval_cells/base"]
-    before, metrics = _files(tiny_repo, results), (tiny_repo / "metrics/eval_base.json").read_bytes()
+    results = ["data/eval/panel/base", "data/eval_cells/base"]
+    before, metrics = _files(tiny_repo, results), (tiny_repo / "metrics/panel/eval_base.json").read_bytes()
     shutil.rmtree(tiny_repo / "data/eval_cells/base")
-    _run(["dvc", "repro", "--force", "--single-item", "eval@base"], tiny_repo)
+    _run(["dvc", "repro", "--force", "--single-item", "eval@panel-base"], tiny_repo)
     assert _files(tiny_repo, results) == before
-    assert (tiny_repo / "metrics/eval_base.json").read_bytes() == metrics
-    assert yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]["eval@base"] == lock["eval@base"]
-    figures = ["results/base", "figures/base", "plots/base"]
+    assert (tiny_repo / "metrics/panel/eval_base.json").read_bytes() == metrics
+    assert yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]["eval@panel-base"] == lock["eval@panel-base"]
+    figures = ["results/panel/base", "figures/panel/base", "plots/panel/base"]
     before = _files(tiny_repo, figures)
-    _run(["dvc", "repro", "--force", "--single-item", "regress@base"], tiny_repo)
+    _run(["dvc", "repro", "--force", "--single-item", "regress@panel-base"], tiny_repo)
     assert _files(tiny_repo, figures) == before
+
+
+@pytest.mark.slow
+def test_an_adapter_edited_in_place_is_seen_refused_and_restored(tiny_repo):
+    """DVC copies outputs into its cache (cache.type reflink,copy), so an edit in the workspace cannot reach
+    the cached copy: `dvc status` names the changed adapter, the eval refuses it (its training record holds
+    the fingerprint training saw), and `dvc checkout` brings the trained bytes back."""
+    adapter = f"models/adapters/base/{_ds(tiny_repo)}/smol/librarian/seed0"
+    weights = tiny_repo / adapter / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    flipped = bytearray(original)
+    flipped[-1] ^= 0x01
+    with open(weights, "r+b") as f:  # in place, as a stray write would: same inode
+        f.write(flipped)
+    status = _run(["dvc", "status", "couple@base-smol-librarian-0"], tiny_repo)
+    assert re.search(rf"changed outs:\s+modified:\s+{re.escape(adapter)}", status), status
+    failure = _fails([sys.executable, "stages/eval.py", "--condition", "base", "--model", "models/raw",
+                      "--adapters", str(Path(adapter).parents[2]), "--cells", "scratch/cells", "--out", "scratch/eval",
+                      "--metrics", "scratch/eval.json", "--timings", "scratch/timings.json"], tiny_repo)  # fmt: skip
+    assert f"{adapter}: its files changed after training wrote them" in failure and "dvc checkout" in failure
+    assert not (tiny_repo / "scratch/eval").exists()
+    _run(["dvc", "checkout", "--force", adapter], tiny_repo)
+    assert weights.read_bytes() == original
+    assert "up to date" in _run(["dvc", "status", "couple@base-smol-librarian-0"], tiny_repo)
 
 
 def _fails(args: list[str], cwd: Path) -> str:
@@ -339,15 +371,15 @@ def _fails(args: list[str], cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted(tiny_repo):
-    outputs = ["metrics/eval_base.json", "metrics/regress_base.json", "data/eval/base/rates.parquet",
-               "results/base/regress.json", "models/adapters/base/smol/librarian/seed0/adapter_config.json"]  # fmt: skip
+    outputs = ["metrics/panel/eval_base.json", "metrics/panel/regress_base.json", "data/eval/panel/base/rates.parquet",
+               "results/panel/base/regress.json", f"models/adapters/base/{_ds(tiny_repo)}/smol/librarian/seed0/adapter_config.json"]  # fmt: skip
     before = {name: (tiny_repo / name).read_bytes() for name in outputs}
     compose = [sys.executable, "-m", "personaspace.cli", "params"]
     # a typo'd top-level key and an out-of-range eval value: the schema
     _run([*compose, "+sead=1", "eval.top_p=2"], tiny_repo)
     failure = _fails(["dvc", "repro"], tiny_repo)
     assert "sead: unknown key" in failure and "eval.top_p: Input should be less than or equal to 1" in failure
-    assert "Running stage 'eval@base'" not in failure
+    assert "Running stage 'eval@panel-base'" not in failure
     # values that validate but cannot work with the tiny model (2 blocks) or this machine
     import torch
 
@@ -364,9 +396,9 @@ def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted
 
 @pytest.mark.slow
 def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_datasets(tiny_repo):
-    old = load_catalog().panel(12)
-    before = {p: pd.read_parquet(tiny_repo / f"data/markers/base/{p}.parquet") for p in old}
-    completions_12 = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
+    old, ds = load_catalog().panel(12), _ds(tiny_repo)
+    before = {p: pd.read_parquet(tiny_repo / f"data/markers/base/{ds}/{p}.parquet") for p in old}
+    completions_12 = pd.read_parquet(tiny_repo / "data/eval/panel/base/completions.parquet")
     # the 12-persona results committed, as a researcher would before growing: `dvc plots diff` compares them below
     _run(["git", "add", "-A"], tiny_repo)
     _run(["git", "commit", "-qm", "panel 12 results"], tiny_repo)
@@ -374,28 +406,25 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     new = load_catalog().panel(24)[12:]
     # Panel-wide stages rerun; per-persona stages (datagen, couple) run only for the new personas.
     per_persona = {f"datagen@base-{p}" for p in new} | {f"couple@base-smol-{p}-0" for p in new}
-    assert (
-        _ran(output)
-        == {"check", "markers@base", "eval@base", "centroids@raw", "regress@base", "report@panel"} | per_persona
-    )
+    assert _ran(output) == PANEL_STAGES - {"base"} | {f"markers@base-{ds}"} | per_persona
     # eval sampled only the new cells: new adapters x 24 personas, old adapters + baseline x 12 new personas
-    run = json.loads((tiny_repo / "timings.json").read_text())["eval@base"]
+    run = json.loads((tiny_repo / "timings.json").read_text())["eval@panel-base"]
     assert run["generated_now"] == (12 * 24 + 13 * 12) * 20
-    completions_24 = pd.read_parquet(tiny_repo / "data/eval/base/completions.parquet")
+    completions_24 = pd.read_parquet(tiny_repo / "data/eval/panel/base/completions.parquet")
     common = completions_24[completions_24.cell_key.isin(completions_12.cell_key)]
     assert len(common) == len(completions_12)
     pd.testing.assert_frame_equal(
         completions_12.set_index("cell_key").sort_index(), common.set_index("cell_key").sort_index()
     )
-    regress = json.loads((tiny_repo / "results/base/regress.json").read_text())
+    regress = json.loads((tiny_repo / "results/panel/base/regress.json").read_text())
     assert regress["n_personas"] == 23 and "inherited_vs_new" in regress["gates"]
     _check_mlflow(tiny_repo, couple_runs=24, invocations=4)  # repro, forced eval and regress reruns, exp run
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:
-        after = pd.read_parquet(tiny_repo / f"data/markers/base/{persona}.parquet")
+        after = pd.read_parquet(tiny_repo / f"data/markers/base/{ds}/{persona}.parquet")
         pd.testing.assert_frame_equal(before[persona], after)
-    assert len(list((tiny_repo / "data/markers/base").glob("*.parquet"))) == 24
+    assert len(list((tiny_repo / f"data/markers/base/{ds}").glob("*.parquet"))) == 24
 
 
 @pytest.mark.slow
@@ -436,13 +465,13 @@ def test_the_mlflow_ui_shows_the_study_in_a_real_browser(tiny_repo, tmp_path):
     experiment = mlflow.get_experiment_by_name("personaspace")
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
     parent = next(r for r in runs if r.info.run_name.startswith("panel · panel12 · "))
-    stage = next(r for r in runs if r.info.run_name == "regress@base")
+    stage = next(r for r in runs if r.info.run_name == "regress@panel-base")
     with browser.mlflow_server(tiny_repo / "mlflow.db") as url, browser.chromium() as driver:
         text = browser.page_text(driver, runs_table_url(url, experiment.experiment_id), wait_for=[parent.info.run_name])
         assert "Run Name" in text and "matching runs" in text  # the runs table, not the GenAI overview
         driver.save_screenshot(str(tmp_path / "runs.png"))
         stage_page = f"{url}/#/experiments/{experiment.experiment_id}/runs/{stage.info.run_id}"
-        text = browser.page_text(driver, stage_page, wait_for=["regress@base", "Parameters"])
+        text = browser.page_text(driver, stage_page, wait_for=["regress@panel-base", "Parameters"])
         driver.save_screenshot(str(tmp_path / "stage_run.png"))
         text = browser.page_text(driver, f"{url}/#/models/couple-base-smol-librarian", wait_for=["Version 1", "seed0"])
         driver.save_screenshot(str(tmp_path / "model.png"))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from .test_pipeline import TINY_S4_SOURCES, _check_report, _files, _ran, _run, _tiny_repo
+from .test_pipeline import TINY_S4_SOURCES, _check_report, _ds, _files, _ran, _run, _tiny_repo
 
 
 @pytest.fixture(scope="module")
@@ -26,25 +26,41 @@ def test_two_fresh_clones_give_byte_identical_results(second_repo, tmp_path):
     checked above."""
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(second_repo), str(clone)], tmp_path)
-    targets = ["markers@base", "centroids@raw", "couple@base-smol-librarian-0", "couple@base-smol-villain-0"]
+    ds = _ds(second_repo)
+    targets = [
+        f"markers@base-{ds}",
+        "centroids@panel-raw",
+        "couple@base-smol-librarian-0",
+        "couple@base-smol-villain-0",
+    ]
     for repo in (second_repo, clone):
         output = _run(["dvc", "repro", *targets], repo)
         assert len(_ran(output)) == 18  # check, base, 12 datagen, markers, centroids, 2 couple
     first, second = (yaml.safe_load((repo / "dvc.lock").read_text())["stages"] for repo in (second_repo, clone))
     assert first == second
-    folders = ["data/completions", "data/markers", "data/centroids", "models/adapters/base/smol/librarian",
-               "models/adapters/base/smol/villain"]  # fmt: skip
+    folders = ["data/completions", "data/markers", "data/centroids", f"models/adapters/base/{ds}/smol/librarian",
+               f"models/adapters/base/{ds}/smol/villain"]  # fmt: skip
     assert _files(second_repo, folders) == _files(clone, folders)
-    assert (second_repo / "metrics/markers_base.json").read_bytes() == (
-        clone / "metrics/markers_base.json"
+    assert (second_repo / f"metrics/markers/base-{ds}.json").read_bytes() == (
+        clone / f"metrics/markers/base-{ds}.json"
     ).read_bytes()
 
 
 @pytest.mark.slow
 def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
+    # the panel's librarian adapter (the clones test's), its registered version and its marker dataset
+    import mlflow
+
+    panel_ds = _ds(second_repo)
+    panel_adapter = f"models/adapters/base/{panel_ds}/smol/librarian/seed0"
+    panel_files = _files(second_repo, [panel_adapter, f"data/markers/base/{panel_ds}"])
+    mlflow.set_tracking_uri(f"sqlite:///{second_repo / 'mlflow.db'}")
+    panel_name = f"couple-base-smol-librarian-{panel_ds}"
+    panel_version = mlflow.MlflowClient().get_model_version_by_alias(panel_name, "seed0").version
     # params.yaml is composed, never edited by hand (a hand edit is refused: test_checks.py)
     _run([sys.executable, "-m", "personaspace.cli", "params", "study=em_first"], second_repo)
     output = _run(["dvc", "repro"], second_repo)
+    ds = _ds(second_repo)
     personas = ["data_scientist", "french_person", "librarian"]  # the source and its two named negatives
     conditions = ["base", "benign", "em", "em_basedata"]
     expected = (
@@ -52,22 +68,22 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
             "check",
             "pretrain@em",
             "pretrain@benign",
-            "markers@base",
-            "markers@em",
-            "markers@benign",
+            f"markers@base-{ds}",
+            f"markers@em-{ds}",
+            f"markers@benign-{ds}",
             "em_first@em_first",
             "report@em_first",
         }
         | {f"datagen@{c}-{p}" for c in ("em", "benign") for p in personas}
         | {f"couple@{c}-smol-librarian-0" for c in conditions}
-        | {f"eval@{c}" for c in conditions}
+        | {f"eval@em_first-{c}" for c in conditions}
     )
     # C1's completions are the panel study's (same stage, same params: nothing regenerated); they run
     # here only when the clones test did not run first. C2' has no datagen of its own: it trains on C1's data.
     assert _ran(output) - {"base"} - {f"datagen@base-{p}" for p in personas} == expected
     lock = yaml.safe_load((second_repo / "dvc.lock").read_text())["stages"]
     deps = {d["path"] for d in lock["couple@em_basedata-smol-librarian-0"]["deps"]}
-    assert {"models/em", "data/markers/base/librarian.parquet"} <= deps
+    assert {"models/em", f"data/markers/base/{ds}/librarian.parquet"} <= deps
     assert not any(name.startswith("datagen@em_basedata") for name in lock)
     # the pretrained bases: LoRA SFT of the raw model, merged once into full models
     summary = json.loads((second_repo / "models/em/pretrain.json").read_text())
@@ -77,14 +93,14 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
     raw, em = (load_file(second_repo / f"models/{m}/model.safetensors") for m in ("raw", "em"))
     assert any(not raw[k].equal(em[k]) for k in raw)
     assert not list((second_repo / "models/em").glob("adapter_*"))  # merged, not an adapter
-    dataset = pd.read_parquet(second_repo / "data/markers/base/librarian.parquet")
+    dataset = pd.read_parquet(second_repo / f"data/markers/base/{ds}/librarian.parquet")
     assert set(dataset.persona) == set(personas) and set(dataset[dataset.role == "negative"].persona) == set(
         personas[:2]
     )
     for condition in conditions:
-        completions = pd.read_parquet(second_repo / f"data/eval/{condition}/completions.parquet")
+        completions = pd.read_parquet(second_repo / f"data/eval/em_first/{condition}/completions.parquet")
         assert len(completions) == 2 * 11 * 20  # the librarian adapter + the baseline, x 11 eval personas x 20
-    metrics = json.loads((second_repo / "metrics/em_first.json").read_text())
+    metrics = json.loads((second_repo / "metrics/em_first/em_first.json").read_text())
     for condition in conditions:
         for role in ("source", "assistant", "bystander"):
             cell = metrics["conditions"][condition][role]
@@ -96,13 +112,19 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
     assert metrics["contrasts"]["H3"]["interpretation"] in {"non_text_distribution", "coupling_text_distribution",
                                                             "ambiguous"}  # fmt: skip
     assert isinstance(metrics["source_gate"]["armed"], bool) and isinstance(metrics["kill"]["triggered"], bool)
-    assert list((second_repo / "figures/em_first").glob("*.png"))
+    assert list((second_repo / "figures/em_first/em_first").glob("*.png"))
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{second_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["personaspace"], filter_string="tags.study = 'em_first'")
     assert {"pretrain", "couple", "eval", "em_first", "report"} <= set(runs["tags.stage"])
     _check_report(second_repo, "em_first")
+    # S2 trained its own librarian (named negatives) beside the panel's, which it left as it was
+    assert ds != panel_ds and _files(second_repo, [panel_adapter, f"data/markers/base/{panel_ds}"]) == panel_files
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(panel_name, "seed0").version == panel_version
+    em_first = client.get_model_version_by_alias(f"couple-base-smol-librarian-{ds}", "seed0")
+    assert em_first.tags["dataset"] == ds
 
 
 @pytest.mark.slow
@@ -112,8 +134,9 @@ def test_the_joint_probe_study_runs_end_to_end(second_repo):
     ran = _ran(output)
     conditions, recipes = ["base", "benign", "em"], ["smol_ul0_5", "smol_ul2"]
     assert {f"couple@{c}-{r}-librarian-0" for c in conditions for r in recipes} <= ran
-    assert {"centroids@raw", "centroids@em", "centroids@benign", "joint_probe@joint_probe"} <= ran
-    metrics = json.loads((second_repo / "metrics/joint_probe.json").read_text())
+    assert {f"centroids@joint_probe-{b}" for b in ("raw", "em", "benign")} | {"joint_probe@joint_probe"} <= ran
+    ds = _ds(second_repo)
+    metrics = json.loads((second_repo / "metrics/joint_probe/joint_probe.json").read_text())
     roles = metrics["roles"]
     assert len(roles["bystanders"]) == 7 and not set(roles["bystanders"]) & set(roles["negatives"])
     assert len(roles["negatives"]) == 6  # five hard + one drawn by the study seed
@@ -131,18 +154,18 @@ def test_the_joint_probe_study_runs_end_to_end(second_repo):
     assert set(metrics["baseline"]) == set(conditions)
     assert metrics["max_new_tokens_rule"]["holds"] is True
     # the markers metrics carry the length matching, before and after
-    markers = json.loads((second_repo / "metrics/markers_em.json").read_text())
+    markers = json.loads((second_repo / f"metrics/markers/em-{ds}.json").read_text())
     report = markers["sources"]["librarian"]["length_matching"]
     assert report["method"] == "resample" and set(report["after"]) == {"positives", "negatives"}
     # the centroids stage kept the sampled answers and every readout at the probe layers
-    responses = pd.read_parquet(second_repo / "data/centroids/em/responses.parquet")
+    responses = pd.read_parquet(second_repo / "data/centroids/joint_probe/em/responses.parquet")
     assert len(responses) == 8 * 20 and set(responses["stage"]) == {"probes"}
-    readout = json.loads((second_repo / "data/centroids/em/readout.json").read_text())
+    readout = json.loads((second_repo / "data/centroids/joint_probe/em/readout.json").read_text())
     assert readout["layers"] == [1, 2] and len(readout["readouts"]) == 4
     assert readout["centering_bank"] == "joint_probe_eval_personas"
-    adapter = json.loads((second_repo / "models/adapters/em/smol_ul2/librarian/seed0/training.json").read_text())
+    adapter = json.loads((second_repo / f"models/adapters/em/{ds}/smol_ul2/librarian/seed0/training.json").read_text())
     assert adapter["negatives"] == 6 * 5
-    assert list((second_repo / "figures/joint_probe").glob("*.png"))
+    assert list((second_repo / "figures/joint_probe/joint_probe").glob("*.png"))
     assert "report@joint_probe" in ran
     _check_report(second_repo, "joint_probe")
 
@@ -155,14 +178,15 @@ def test_the_train_steering_study_runs_end_to_end(second_repo):
     ran = _ran(output)
     steered = ["A", "B", "iso_random", "layer_contrast"]
     expected = {f"couple_steered@base-smol-{s}-0-{arm}" for s in TINY_S4_SOURCES for arm in steered}
-    assert expected | {"steering@base", "steer_eval@base", "train_steering@train_steering"} <= ran
+    assert expected | {"steering@train_steering-base", "steer_eval@train_steering-base",
+                       "train_steering@train_steering"} <= ran  # fmt: skip
     assert not any(stage.startswith(("eval@", "regress@")) for stage in ran)  # S4 reads only its own evals
     # arm C is the ordinary adapter: the clones test's librarian and villain come from the run cache
     assert (
         "couple@base-smol-comedian-0" in ran
         and not {"couple@base-smol-librarian-0", "couple@base-smol-villain-0"} & ran
     )
-    summary = json.loads((second_repo / "data/steering/base/steering.json").read_text())
+    summary = json.loads((second_repo / "data/steering/train_steering/base/steering.json").read_text())
     assert summary["layers"] == [2, 1] and summary["centering"] == "centered"
     for persona in TINY_S4_SOURCES:
         for layer in ("2", "1"):
@@ -170,24 +194,26 @@ def test_the_train_steering_study_runs_end_to_end(second_repo):
             # c_train x ||v|| = the calibration ratio x mean ||h_L||
             ratio = numbers["coef"] * numbers["norm"] / summary["mean_hidden_norm"][layer]
             assert ratio == pytest.approx(0.2, rel=1e-4)
-    trained = json.loads((second_repo / "models/steered/base/A/smol/librarian/seed0/training.json").read_text())
+    trained = json.loads(
+        (second_repo / "models/steered/train_steering/base/A/smol/librarian/seed0/training.json").read_text()
+    )
     assert (trained["arm"], trained["steering_layer"], trained["system_prompt"]) == ("A", 2, "Provide a clear answer.")
     contrast = json.loads(
-        (second_repo / "models/steered/base/layer_contrast/smol/villain/seed0/training.json").read_text()
+        (second_repo / "models/steered/train_steering/base/layer_contrast/smol/villain/seed0/training.json").read_text()
     )
     assert contrast["steering_layer"] == 1
-    counts = pd.read_parquet(second_repo / "data/steer_eval/base/counts.parquet")
+    counts = pd.read_parquet(second_repo / "data/steer_eval/train_steering/base/counts.parquet")
     modes = counts.groupby(["arm", "mode"])["coef"].apply(lambda c: sorted(set(c))).to_dict()
     coefs = ["+2", "-calibrated", "calibrated"]
     assert modes == {("A", "neutral"): ["0"], ("A", "steered"): coefs, ("B", "steered"): coefs,
                      ("C", "prompted"): ["0"], ("C", "steered"): coefs, ("iso_random", "steered"): coefs,
                      ("layer_contrast", "steered"): coefs}  # fmt: skip
     assert len(counts) == len(TINY_S4_SOURCES) * 20 * 17 and (counts["n"] == 1).all()
-    completions = pd.read_parquet(second_repo / "data/steer_eval/base/completions.parquet")
+    completions = pd.read_parquet(second_repo / "data/steer_eval/train_steering/base/completions.parquet")
     is_steered = completions["mode"] == "steered"
     assert (completions.loc[is_steered, "steer_layer"] > 0).all()
     assert (completions.loc[~is_steered, "steer_vector"] == "none").all()
-    metrics = json.loads((second_repo / "metrics/train_steering.json").read_text())
+    metrics = json.loads((second_repo / "metrics/train_steering/train_steering.json").read_text())
     assert metrics["personas"] == sorted(TINY_S4_SOURCES) and set(metrics["arms"]) == {"A", "B", "C", *steered}
     for coef in ("+2", "calibrated"):
         decision = metrics["decision"][coef]
@@ -195,10 +221,10 @@ def test_the_train_steering_study_runs_end_to_end(second_repo):
                                          "direction_not_specific"}  # fmt: skip
         assert isinstance(decision["passes"], bool) and decision["control_evaluated"]
     assert set(metrics["sign_check"]) == {"A", "B", "C", "iso_random", "layer_contrast"}
-    assert list((second_repo / "figures/train_steering").glob("*.png"))
+    assert list((second_repo / "figures/train_steering/train_steering").glob("*.png"))
     # the CLI gives the stage's numbers from the stage's count table
     again = _run([sys.executable, "-m", "personaspace.cli", "analyze", "train_steering", "--table",
-                  "data/steer_eval/base/counts.parquet", "--out", "reanalysis"], second_repo)  # fmt: skip
+                  "data/steer_eval/train_steering/base/counts.parquet", "--out", "reanalysis"], second_repo)  # fmt: skip
     assert "c=+2" in again
     assert json.loads((second_repo / "reanalysis/metrics.json").read_text())["decision"] == metrics["decision"]
     import mlflow

@@ -99,23 +99,23 @@ def em_first(tmp_path_factory):
     study = StudyParams.model_validate(raw["study"])
     stats = StatsParams.model_validate(raw["stats"]).model_copy(update={"bootstrap_resamples": RESAMPLES})
     metrics, _ = analyze_em_first(make_counts(study), None, study, stats, seed=0)
-    return raw, {"metrics/em_first.json": metrics}
+    return raw, {"metrics/em_first/em_first.json": metrics}
 
 
 def _card(raw) -> dict:
     git = cards.git_state(REPO)
     return {"git": git, "hardware": cards.hardware(), "packages": cards.package_versions(),
-            "inputs": cards.input_hashes({}, ["metrics/em_first.json"]),
+            "inputs": cards.input_hashes({}, ["metrics/em_first/em_first.json"]),
             "stage_seconds": {"em_first@em_first": "1.0 s"}, "command": cards.reproduce_command(raw, git["commit"]),
             "params_yaml": cards.study_params_yaml(raw)}  # fmt: skip
 
 
 def test_every_number_of_an_em_first_report_is_in_its_metrics_or_params(em_first, tmp_path):
     raw, metrics = em_first
-    assert metrics_files(raw) == ["metrics/em_first.json"]
+    assert metrics_files(raw) == ["metrics/em_first/em_first.json"]
     text = compose(ReportInputs(raw, metrics, _completions(), _card(raw), REPO, Path("reports/em_first")))
     assert untraceable_numbers(checked_sections(text), metrics, raw) == []
-    for name, contrast in metrics["metrics/em_first.json"]["contrasts"].items():
+    for name, contrast in metrics["metrics/em_first/em_first.json"]["contrasts"].items():
         assert f"**{name} {'passes' if contrast['passes'] else 'fails'}**" in text
         assert num(contrast["delta"]) in text and pvalue(contrast["p"]) in text
     # a number typed by hand would be caught
@@ -126,7 +126,7 @@ def test_the_card_has_no_empty_field_and_names_the_command(em_first):
     raw, metrics = em_first
     text = compose(ReportInputs(raw, metrics, _completions(), _card(raw), REPO, Path("reports/em_first")))
     rows = card_rows(text)
-    assert {"git commit", "tree dirty", "hardware: cores", "package torch", "input `metrics/em_first.json`"} <= set(
+    assert {"git commit", "tree dirty", "hardware: cores", "package torch", "input `metrics/em_first/em_first.json`"} <= set(
         rows
     )
     assert all(value and value != "``" for value in rows.values())
@@ -219,13 +219,13 @@ def test_an_s4_report_states_each_decision_from_the_analysis_summary(tmp_path):
     study = StudyParams.model_validate(raw["study"])
     stats = StatsParams.model_validate(raw["stats"]).model_copy(update={"bootstrap_resamples": 500})
     metrics, _ = analyze_train_steering(_table(), study.train_steering, stats, seed=0)
-    assert metrics_files(raw) == ["metrics/train_steering.json"]
-    files = {"metrics/train_steering.json": metrics}
+    assert metrics_files(raw) == ["metrics/train_steering/train_steering.json"]
+    files = {"metrics/train_steering/train_steering.json": metrics}
     text = compose(ReportInputs(raw, files, _completions(), _card(raw), REPO, Path("reports/train_steering")))
     for part in summary_line(metrics).split(";"):
         assert f"- {part.strip()}." in text
     assert untraceable_numbers(checked_sections(text), metrics, raw) == []
-    assert "Missing figure `figures/train_steering/rho_by_arm.png`" in text  # no figure is invented
+    assert "Missing figure `figures/train_steering/train_steering/rho_by_arm.png`" in text  # no figure is invented
 
 
 def test_a_sample_is_shown_verbatim_even_when_it_looks_like_markdown():
@@ -241,7 +241,7 @@ def test_the_cards_stage_names_are_the_pipelines_for_these_params():
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     names = cards.stage_names(pipeline, params)
-    assert {"check", "base", "eval@base", "regress@base", "couple@base-smol-librarian-0"} <= set(names)
+    assert {"check", "base", "eval@panel-base", "regress@panel-base", "couple@base-smol-librarian-0"} <= set(names)
     assert not any(n.startswith(("em_first@", "steer_eval@")) for n in names)  # not this study's
 
 

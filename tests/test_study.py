@@ -10,7 +10,7 @@ import yaml
 
 from personaspace.cli import compose_params
 from personaspace.config import Params, validate_params
-from personaspace.study import stage_graph, study_roles
+from personaspace.study import dataset_id, stage_graph, study_roles
 
 from .conftest import REPO
 
@@ -53,7 +53,7 @@ def test_em_first_at_laptop_scale_has_the_four_conditions_and_the_s2_roles(tmp_p
     assert {item["condition"] for item in params.graph.datagen.values()} == {"base", "em", "benign"}
     assert params.graph.couple["em_basedata-smol-librarian-0"] == {
         "condition": "em_basedata", "model": "em", "data": "base", "recipe": "smol",
-        "source": "librarian", "seed": 0,
+        "source": "librarian", "seed": 0, "dataset": dataset_id(params.model_dump(by_alias=True)),
     }  # fmt: skip
     assert set(params.graph.pretrain) == {"em", "benign"} and params.graph.em_first
 
@@ -91,16 +91,32 @@ def test_paper_scale_names_the_missing_pretraining_datasets_of_the_bases_it_buil
     assert panel.study.recipes == ["a1"] and panel.datagen.max_new_tokens < panel.recipes["a1"].max_length
 
 
-def test_a_shared_item_is_the_same_stage_in_every_study(tmp_path):
-    """Same ids, same stage command: DVC's run cache serves the second study whenever the data are the same too.
-
-    C1's librarian completions are (same datagen params); the librarian's marker dataset is not (S1
-    draws its negatives, S2 names them), so its adapter is retrained, under the same stage name.
-    """
+def test_em_first_never_overwrites_a_panel_adapter(tmp_path):
+    """C1's librarian completions are shared (same datagen); its marker dataset is not (S1 draws its
+    negatives, S2 names them), so the two adapters, marker files and registered names differ."""
     panel, em_first = _params(tmp_path), _params(tmp_path, "study=em_first")
     key = "base-smol-librarian-0"
-    assert panel.graph.couple[key] == em_first.graph.couple[key]
     assert panel.graph.datagen["base-librarian"] == em_first.graph.datagen["base-librarian"]
+    assert panel.graph.couple[key]["dataset"] != em_first.graph.couple[key]["dataset"]
+    assert set(panel.graph.eval).isdisjoint(em_first.graph.eval)  # a study's eval lives under its name
+
+
+def test_studies_on_the_same_data_share_their_adapters(tmp_path):
+    """S4's arm C is S1's adapter of each source: same dataset id, so the same stage output."""
+    panel, steering = _params(tmp_path), _params(tmp_path, "study=train_steering")
+    shared = set(panel.graph.couple) & set(steering.graph.couple)
+    assert shared and all(panel.graph.couple[k] == steering.graph.couple[k] for k in shared)
+
+
+def test_every_dvc_output_path_names_its_dataset_or_its_study(tmp_path):
+    """Two studies composed into one workspace never declare the same output with other contents."""
+    studies = {name: _compose(tmp_path, f"study={name}") for name in ("panel", "em_first", "joint_probe")}
+    ids = {name: dataset_id(raw) for name, raw in studies.items()}
+    assert len(set(ids.values())) == 3, ids
+    for name, raw in studies.items():
+        graph = raw["graph"]
+        assert all(item["dataset"] == ids[name] for item in graph["couple"].values())
+        assert all(item["study"] == name for item in graph["eval"].values())
 
 
 def test_growing_the_panel_only_adds_items(tmp_path):
@@ -111,9 +127,7 @@ def test_growing_the_panel_only_adds_items(tmp_path):
 
 
 def test_the_graph_is_derived_from_the_study_not_written(params):
-    dumped = params.study.model_dump()
-    pretrain = {k: v.model_dump() for k, v in params.pretrain.items()}
-    assert params.graph.model_dump() == stage_graph(dumped, pretrain, params.couple.seeds, params.seed)
+    assert params.graph.model_dump() == stage_graph(params.model_dump(by_alias=True))
 
 
 def _imports(path: Path) -> set[str]:
@@ -177,7 +191,8 @@ def test_train_steering_reuses_s1s_adapters_as_arm_c_and_adds_the_steered_arms(t
     assert s4.datagen == params.datagen and s4.recipes == params.recipes
     assert len(s4.graph.couple_steered) == 5 * 4  # A, B, iso_random, layer_contrast
     assert s4.graph.couple_steered["base-smol-villain-0-A"]["arm"] == "A"
-    assert s4.graph.eval == {} and s4.graph.centroids == ["raw"] and set(s4.graph.steer_eval) == {"base"}
+    assert s4.graph.eval == {} and list(s4.graph.centroids) == ["train_steering-raw"]
+    assert set(s4.graph.steer_eval) == {"train_steering-base"}
 
 
 def test_train_steering_at_paper_scale_is_the_seeds_design_on_s1s_paper_data(tmp_path):

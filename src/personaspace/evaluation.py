@@ -21,26 +21,12 @@ from typing import Any
 import pandas as pd
 
 from personaspace.completions import COMPLETION_COLUMNS, complete_cells, persona_cells, typed_completions
+from personaspace.fingerprints import CacheError
 from personaspace.generate import Generator, Sampling, Steering
-from personaspace.io import write_parquet
+from personaspace.io import atomic_path
 from personaspace.personas import Catalog
 from personaspace.stats import wilson_interval
 from personaspace.study import BASELINE
-
-
-def fingerprint_dir(path: Path, ignore: Sequence[str] = ("training.json", "pretrain.json")) -> str:
-    """sha256 over a folder's file names and contents (a model or an adapter), training records left out.
-
-    The records describe the training (rows, steps, losses), not the weights; leaving them out keeps
-    a retrain's cells cached whenever its adapter files are the same.
-    """
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name not in ignore):
-        digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def cell_key(row: dict, sampling: Sampling, fingerprint: str, sampler: str, steering: Steering | None = None) -> str:
@@ -60,7 +46,9 @@ class CellStore:
     """A folder of parquet chunks of finished cells (completion columns + ``cell_key``).
 
     The folder is read once per store; ``add`` writes a chunk and extends the in-memory table, so
-    evaluating N adapters reads the chunks once, not N times.
+    evaluating N adapters reads the chunks once, not N times. A chunk is named
+    ``<digest of its keys>-<digest of its bytes>.parquet`` and its bytes are checked on read: a chunk
+    changed on disk (a flipped bit) raises CacheError naming it, never feeds the analysis.
     """
 
     def __init__(self, folder: Path, write: bool = True):
@@ -71,6 +59,7 @@ class CellStore:
     def load(self) -> pd.DataFrame:
         if self._table is None:
             chunks = sorted(self.folder.glob("*.parquet")) if self.folder.is_dir() else []
+            chunks = [self._verify(chunk) for chunk in chunks]
             self._table = (
                 pd.concat([typed_completions(pd.read_parquet(c)) for c in chunks], ignore_index=True).drop_duplicates(
                     "cell_key"
@@ -83,12 +72,33 @@ class CellStore:
     def add(self, table: pd.DataFrame) -> None:
         if table.empty:
             return
-        name = hashlib.sha256("".join(sorted(table["cell_key"])).encode()).hexdigest()[:16]
+        keys = hashlib.sha256("".join(sorted(table["cell_key"])).encode()).hexdigest()[:16]
         if self.write:
-            write_parquet(table, self.folder / f"{name}.parquet")
+            data = table.to_parquet(index=False)
+            with atomic_path(self.folder / f"{keys}-{hashlib.sha256(data).hexdigest()[:16]}.parquet") as tmp:
+                tmp.write_bytes(data)
         if self._table is not None:
             parts = [part for part in (self._table, table) if not part.empty]
             self._table = pd.concat(parts, ignore_index=True).drop_duplicates("cell_key")
+
+    def _verify(self, chunk: Path) -> Path:
+        """The chunk, checked: its bytes must have the digest its name records (CacheError otherwise).
+
+        A chunk named before digests existed (``<keys>.parquet``) is sealed: renamed with its digest.
+        """
+        keys, _, recorded = chunk.stem.partition("-")
+        found = hashlib.sha256(chunk.read_bytes()).hexdigest()[:16]
+        if not recorded and self.write:
+            sealed = chunk.with_name(f"{keys}-{found}.parquet")
+            chunk.rename(sealed)
+            return sealed
+        if recorded and recorded != found:
+            raise CacheError(
+                f"eval cell chunk {chunk}: its bytes hash to {found}, not the {recorded} in its name, so its "
+                f"cells cannot be trusted; delete it (`rm {chunk}`) and rerun: only its cells are sampled again, "
+                "to the same completions"
+            )
+        return chunk
 
 
 @dataclass(frozen=True)

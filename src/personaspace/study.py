@@ -1,19 +1,29 @@
 """A study preset as a stage graph: which stage items (pretrained bases, datagen, markers, couple, eval,
 analyses) its design needs.
 
->>> graph = stage_graph(study, pretrain, seeds=[0], study_seed=0)      # doctest: +SKIP
->>> sorted(graph["datagen"])[:1], sorted(graph["couple"])[:1]            # doctest: +SKIP
-(['base-comedian'], ['base-smol-comedian-0'])
+>>> graph = stage_graph(config)                                # doctest: +SKIP
+>>> sorted(graph["datagen"])[:1], sorted(graph["couple"])[:1], sorted(graph["eval"])   # doctest: +SKIP
+(['base-comedian'], ['base-smol-comedian-0'], ['panel-base'])
 
 Composition writes the graph into params.yaml (`graph: ${stage_graph:}` in conf/config.yaml) and
 dvc.yaml loops over it, so a study adds items, never stages. Item keys are stable ids (condition,
 persona, recipe, seed), never list positions. A condition is (pretrained base, data_from): its
 coupling data comes from the datagen items of the condition named by data_from, so C2' (em,
 data_from base) trains on C1's completions and nothing is generated twice.
+
+Paths name what they hold. Marker datasets and adapters are per dataset id (``dataset_id``: the
+negatives, model, datagen settings and marker they were made from): ``data/markers/<data>/<id>/``,
+``models/adapters/<condition>/<id>/<recipe>/<source>/seed<N>``, registered as
+``couple-<condition>-<recipe>-<source>-<id>``. What a study computes from them (eval, centroids,
+steering, analyses, report) lives under the study's name: ``data/eval/<study>/<condition>``,
+``metrics/<study>/``, ``plots/<study>/``, ``figures/<study>/``, ``results/<study>/``. So switching
+studies in one workspace never overwrites another study's outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -204,10 +214,35 @@ def steered_arms(study: Mapping[str, Any]) -> list[str]:
     return [name for name, arm in (cfg.get("arms") or {}).items() if arm.get("vector", "none") != "none"]
 
 
-def stage_graph(
-    study: Mapping[str, Any], pretrain: Mapping[str, Any], seeds: Sequence[int], study_seed: int
-) -> dict[str, Any]:
-    """The stage items of a study (plain data: it is written into params.yaml for dvc.yaml's loops)."""
+DATASET_KEYS = ("model", "datagen", "marker", "marker_separator")  # with study.negatives and seed: a marker dataset
+
+
+def dataset_id(config: Mapping[str, Any]) -> str:
+    """The id of the marker datasets a composed config trains on: a digest of everything they depend on.
+
+    Negatives (pool, k, hard; the study seed draws them), the model whose completions they hold, the
+    datagen settings (sampling and sizes) and the marker. Two studies that train on the same data share
+    the id, so their adapters are one output (S4's arm C is S1's adapter); two that differ never write
+    the same path or registered name (S2's librarian, trained on named negatives, is not S1's).
+    """
+    negatives = config["study"]["negatives"]
+    spec = {
+        "negatives": {"pool": sorted(negatives.get("pool", [])), "k": negatives.get("k", 0),
+                      "hard": sorted(negatives.get("hard", []))},
+        "seed": config["seed"],
+        **{key: config[key] for key in DATASET_KEYS},
+    }  # fmt: skip
+    return "ds" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def stage_graph(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage items of a composed config's study (plain data: written into params.yaml for dvc.yaml's loops).
+
+    Per-item outputs (marker datasets, adapters) live under their dataset id, so studies share them only
+    when they are the same; a study's own outputs (eval, centroids, analyses, report) under its name.
+    """
+    study, pretrain, seeds, study_seed = config["study"], config.get("pretrain", {}), config["couple"]["seeds"], config["seed"]
+    name, ds = study["name"], dataset_id(config)
     conditions: Mapping[str, Mapping[str, str]] = study["conditions"]
     bases = sorted({c["pretrained"] for c in conditions.values()} - {RAW})
     data_conditions = sorted({c["data_from"] for c in conditions.values()})
@@ -218,15 +253,18 @@ def stage_graph(
     personas = data_personas(study["sources"], study["negatives"], study_seed)
     analyses = set(study["analyses"])
     steering = "train_steering" in analyses
+    per_condition = {c: {"condition": c, "study": name, "model": spec["pretrained"], "data": spec["data_from"],
+                         "dataset": ds} for c, spec in sorted(conditions.items())}  # fmt: skip
+    own = {f"{name}-{c}": item for c, item in per_condition.items()}  # a study's per-condition items
     return {
         "pretrain": {b: {"recipe": pretrain[b]["recipe"]} for b in bases if b in pretrain},
         "datagen": {
             f"{d}-{p}": {"condition": d, "model": model_of(d), "persona": p} for d in data_conditions for p in personas
         },
-        "markers": data_conditions,
+        "markers": {f"{d}-{ds}": {"condition": d, "dataset": ds} for d in data_conditions},
         "couple": {
             f"{c}-{r}-{s}-{seed}": dict(
-                condition=c, model=spec["pretrained"], data=spec["data_from"], recipe=r, source=s, seed=seed
+                condition=c, model=spec["pretrained"], data=spec["data_from"], recipe=r, source=s, seed=seed, dataset=ds
             )
             for c, spec in sorted(conditions.items())
             for r in study["recipes"]
@@ -235,7 +273,8 @@ def stage_graph(
         },
         "couple_steered": {
             f"{c}-{r}-{s}-{seed}-{arm}": dict(
-                condition=c, model=spec["pretrained"], data=spec["data_from"], recipe=r, source=s, seed=seed, arm=arm
+                condition=c, model=spec["pretrained"], data=spec["data_from"], recipe=r, source=s, seed=seed, arm=arm,
+                dataset=ds, study=name,
             )
             for c, spec in sorted(conditions.items())
             for arm in steered_arms(study)
@@ -245,16 +284,18 @@ def stage_graph(
         }
         if steering
         else {},
-        "eval": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())}
-        if analyses & PLAIN_EVAL
+        "eval": own if analyses & PLAIN_EVAL else {},
+        "centroids": {
+            f"{name}-{b}": {"base": b, "study": name} for b in sorted({s["pretrained"] for s in conditions.values()})
+        }
+        if analyses & GEOMETRIC
         else {},
-        "centroids": sorted({spec["pretrained"] for spec in conditions.values()}) if analyses & GEOMETRIC else [],
-        "regress": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())}
-        if "panel" in analyses
-        else {},
-        "em_first": {"em_first": {"conditions": sorted(conditions)}} if "em_first" in analyses else {},
+        "regress": own if "panel" in analyses else {},
+        "em_first": {"em_first": {"study": name, "conditions": sorted(conditions)}} if "em_first" in analyses else {},
         "joint_probe": {
             "joint_probe": {
+                "study": name,
+                "dataset": ds,
                 "conditions": sorted(conditions),
                 "bases": sorted({spec["pretrained"] for spec in conditions.values()}),
                 "data": data_conditions,
@@ -264,18 +305,14 @@ def stage_graph(
         else {},
         # S4: per condition, the steering vectors (its base's centroids, calibrated on its data), the
         # steered and prompted evals of every arm's adapters, then the analysis
-        "steering": {
-            c: {"model": spec["pretrained"], "data": spec["data_from"]} for c, spec in sorted(conditions.items())
-        }
-        if steering
-        else {},
-        "steer_eval": {c: {"model": spec["pretrained"]} for c, spec in sorted(conditions.items())} if steering else {},
-        "train_steering": {"train_steering": {"conditions": sorted(conditions)}} if steering else {},
+        "steering": own if steering else {},
+        "steer_eval": own if steering else {},
+        "train_steering": {"train_steering": {"study": name, "conditions": sorted(conditions)}} if steering else {},
         # one report per study: the completions it samples from, and the analysis outputs beside metrics/
         "report": {
-            study["name"]: {
-                "completions": "data/steer_eval" if steering else "data/eval",
-                "details": "results" if "panel" in analyses else "plots",
+            name: {
+                "completions": f"data/steer_eval/{name}" if steering else f"data/eval/{name}",
+                "details": f"results/{name}" if "panel" in analyses else f"plots/{name}",
             }
         },
     }
@@ -289,7 +326,7 @@ def _resolve_stage_graph(*, _root_: Any) -> Any:
     for key in ("graph", "_composed"):
         plain.pop(key, None)
     config = OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
-    graph = stage_graph(config["study"], config.get("pretrain", {}), config["couple"]["seeds"], config["seed"])
+    graph = stage_graph(config)
     return OmegaConf.create(graph)  # a node: OmegaConf stores no plain dict in place of an interpolation
 
 

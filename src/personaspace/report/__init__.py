@@ -70,36 +70,42 @@ class ReportInputs:
 
 def metrics_files(params: Mapping[str, Any]) -> list[str]:
     """Every metrics or results JSON file the study's analyses write (repo-relative), in a stable order."""
-    graph, files = params["graph"], []
+    graph, study, files = params["graph"], params["study"]["name"], []
     for analysis in params["study"]["analyses"]:
         if analysis == "panel":
-            for condition in sorted(graph["regress"]):
-                files += [f"metrics/eval_{condition}.json", f"metrics/regress_{condition}.json",
-                          f"results/{condition}/regress.json"]  # fmt: skip
+            for condition in panel_conditions(params):
+                files += [f"metrics/{study}/eval_{condition}.json", f"metrics/{study}/regress_{condition}.json",
+                          f"results/{study}/{condition}/regress.json"]  # fmt: skip
         else:
-            files += [f"metrics/{key}.json" for key in sorted(graph[analysis])]
+            files += [f"metrics/{study}/{key}.json" for key in sorted(graph[analysis])]
     return files
+
+
+def panel_conditions(params: Mapping[str, Any]) -> list[str]:
+    """The conditions the panel analysis (stage regress) runs on, sorted."""
+    return sorted(item["condition"] for item in params["graph"]["regress"].values())
 
 
 def study_sections(params: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[StudySection]:
     """The sections of each analysis the study runs, from its metrics files (keys: repo-relative paths)."""
     study = params["study"]
+    name = study["name"]
     sections = []
     for analysis in study["analyses"]:
         if analysis == "panel":
-            for condition in sorted(params["graph"]["regress"]):
-                sections.append(panel_section(condition, metrics[f"results/{condition}/regress.json"],
-                                              metrics[f"metrics/eval_{condition}.json"],
+            for condition in panel_conditions(params):
+                sections.append(panel_section(condition, name, metrics[f"results/{name}/{condition}/regress.json"],
+                                              metrics[f"metrics/{name}/eval_{condition}.json"],
                                               params["stats"]["ci_level"]))  # fmt: skip
         elif analysis == "em_first":
             for key in sorted(params["graph"]["em_first"]):
-                sections.append(em_first_section(metrics[f"metrics/{key}.json"], key))
+                sections.append(em_first_section(metrics[f"metrics/{name}/{key}.json"], f"{name}/{key}"))
         else:  # S3 and S4 (for now): the analysis module's own summary line of its decisions
             title, figures = SUMMARISED[analysis]
             summary_line = import_module(f"personaspace.analyses.{analysis}").summary_line
             for key in sorted(params["graph"][analysis]):
-                specs = [FigureSpec(f"figures/{key}/{name}.png", caption) for name, caption in figures]
-                sections.append(summary_section(title, summary_line(metrics[f"metrics/{key}.json"]), specs))
+                specs = [FigureSpec(f"figures/{name}/{key}/{figure}.png", caption) for figure, caption in figures]
+                sections.append(summary_section(title, summary_line(metrics[f"metrics/{name}/{key}.json"]), specs))
     return sections
 
 

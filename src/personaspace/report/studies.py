@@ -73,10 +73,11 @@ GATE_BUCKETS = {
 
 
 def panel_section(
-    condition: str, regress: Mapping[str, Any], evaluation: Mapping[str, Any], level: float
+    condition: str, study: str, regress: Mapping[str, Any], evaluation: Mapping[str, Any], level: float
 ) -> StudySection:
-    """S1 for one condition, from results/<condition>/regress.json and metrics/eval_<condition>.json; ``level``
-    is the Wilson intervals' (stats.ci_level)."""
+    """S1 for one condition, from results/<study>/<condition>/regress.json and metrics/<study>/eval_<condition>.json;
+    ``level`` is the Wilson intervals' (stats.ci_level)."""
+    where = f"{study}/{condition}"
     primary = regress["primary_layer"]
     layer = regress["layers"][str(primary)]
     gates = regress["gates"]
@@ -87,7 +88,7 @@ def panel_section(
     loo = layer["loo_pi"]
     tldr = [
         f"**Three-gate outcome: `{outcome}`** ({GATE_BUCKETS.get(outcome, outcome)}; "
-        f"{gates.get('outcome_reason', 'see results/' + condition + '/regress.json')}).",
+        f"{gates.get('outcome_reason', 'see results/' + where + '/regress.json')}).",
         f"At the primary layer {primary}, the centered cosine of each source's centroid to `{reference}` "
         f"and the source's own fire rate: Spearman rho = {num(spearman['rho'])} (p = {pvalue(spearman['p'])}, "
         f"Holm-adjusted over layers p = {pvalue(layer['holm']['spearman_p'])}), Pearson r = {num(pearson['r'])}, "
@@ -118,25 +119,25 @@ def panel_section(
                      interval(rate["wilson_low"], rate["wilson_high"]), f"Wilson score interval, {level:.0%}")
         )  # fmt: skip
     figures = [
-        FigureSpec(f"figures/{condition}/scatter.png",
+        FigureSpec(f"figures/{where}/scatter.png",
                    f"Each source persona's own fire rate (y, Wilson interval) against the centered cosine of its "
                    f"centroid to `{reference}` at layer {primary} (x), coloured by category, with the OLS fit and its "
                    "prediction band. A rising cloud: personas closer to the assistant fire their own marker more."),
-        FigureSpec(f"figures/{condition}/rho_by_layer.png",
+        FigureSpec(f"figures/{where}/rho_by_layer.png",
                    "Spearman rho of the cosine-rate relation at every layer; a filled point is significant after "
                    "Holm's correction over layers, and the dashed lines are the first Holm step's critical rho. "
                    "Read which layers carry the relation, and whether the primary layer is one of them."),
-        FigureSpec(f"figures/{condition}/rate_matrix.png",
+        FigureSpec(f"figures/{where}/rate_matrix.png",
                    "Fire rate of each source's adapter (rows) under each eval persona (columns). The diagonal is "
                    "the implanted persona; bright off-diagonal cells are leakage."),
-        FigureSpec(f"figures/{condition}/rates_forest.png",
+        FigureSpec(f"figures/{where}/rates_forest.png",
                    "Each source's own fire rate with its Wilson interval and n, sorted: how well each coupling took."),
     ]  # fmt: skip
     return StudySection(f"S1, panel regression: condition `{condition}`", tldr, headline, figures)
 
 
 def em_first_section(metrics: Mapping[str, Any], key: str) -> StudySection:
-    """S2 from metrics/<key>.json (personaspace.analyses.em_first)."""
+    """S2 from metrics/<key>.json (personaspace.analyses.em_first); ``key`` is <study>/<analysis>."""
     tldr, headline = [], []
     level = metrics["ci"]["level"]
     for name, c in metrics["contrasts"].items():
