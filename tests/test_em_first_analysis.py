@@ -407,3 +407,25 @@ def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, cli_inputs, capsys, 
     assert _analyze(cli_inputs, previous) == 2
     assert "holds files this command did not write: notes.txt" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+
+
+def test_huge_n_is_refused_not_expanded_into_one_row_per_completion(study, stats):
+    """n = 10**9 in one cell used to build 10**9 rows (GBs) before any fit; it is refused at once."""
+    from personaspace.analyses.em_first import MAX_COMPLETIONS
+
+    huge = make_counts(study).assign(n=lambda t: t["n"].where(t.index != 4, 10**9), fired=0)
+    with pytest.raises(
+        TableError, match=rf"table: counts {10**9 + 439 * K} completions \(sum of n\), above the {MAX_COMPLETIONS:,}"
+    ):
+        analyze_em_first(huge, None, study, stats, seed=0)
+    with pytest.raises(TableError, match=r"table row 4 \(.*\): n 1e\+30 is not a count"):
+        analyze_em_first(
+            make_counts(study).assign(n=lambda t: t["n"].astype(float).where(t.index != 4, 1e30)), None, study, stats, 0
+        )
+
+
+def test_a_huge_baseline_is_not_bounded(study, stats):
+    """The baseline is never expanded, so only the coupled table carries the bound."""
+    baseline = make_baseline(study).assign(n=lambda t: t["n"] * 10**5, fired=lambda t: t["fired"] * 10**5)
+    metrics, _ = analyze_em_first(make_counts(study), baseline, study, stats, seed=0)
+    assert metrics["baselines"]["em"]["n"] == 1400 * 10**5

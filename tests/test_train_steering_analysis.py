@@ -133,7 +133,7 @@ def test_labels_and_bad_tables():
     assert coef_labels(_cfg()) == ["+2", "calibrated", "-calibrated"]
     assert coef_labels(_cfg(c_eval=[-0.5])) == ["-0.5", "calibrated", "-calibrated"]
     table = _table()
-    with pytest.raises(TableError, match="missing columns"):
+    with pytest.raises(TableError, match=r"missing column\(s\) \['coef'\]"):
         _decide(table.drop(columns="coef"))
     with pytest.raises(TableError, match=r"arms \['D'\]"):
         _decide(pd.concat([table, table.head(1).assign(arm="D")]))
@@ -141,7 +141,7 @@ def test_labels_and_bad_tables():
         _decide(pd.concat([table, table.head(1)]))
     with pytest.raises(TableError, match="no cell for persona 'p00', question 'q00'"):
         _decide(table.drop(index=table[(table["arm"] == "A") & (table["mode"] == "steered")].index[0]))
-    with pytest.raises(TableError, match="no 'neutral' rows of arm 'A'"):
+    with pytest.raises(TableError, match="no rows for arm 'A', mode 'neutral'"):
         _decide(table[table["mode"] != "neutral"])
 
 
@@ -164,4 +164,113 @@ def test_the_analyze_cli_reads_a_count_table(tmp_path, capsys):
     _table().drop(columns="fired").to_csv(tmp_path / "bad.csv", index=False)
     bad = ["analyze", "train_steering", "--table", str(tmp_path / "bad.csv"), *args[4:]]
     assert main([*bad, "--out", str(tmp_path / "again")]) == 2
-    assert "missing columns ['fired']" in capsys.readouterr().err and not (tmp_path / "again").exists()
+    assert "missing column(s) ['fired']" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def _refusal(table: pd.DataFrame, personas: list[str] | None = None, **changes) -> str:
+    """The TableError message of analyze_train_steering on ``table`` (raised before anything is computed)."""
+    with pytest.raises(TableError) as exc:
+        analyze_train_steering(table, _cfg(**changes), STATS, seed=0, personas=personas)
+    return str(exc.value)
+
+
+def _cell(row: int, **values) -> pd.DataFrame:
+    table = _table()
+    for column, value in values.items():
+        table[column] = table[column].astype(object)
+        table.loc[row, column] = value
+    return table
+
+
+def test_train_steering_refuses_nan_fired():
+    assert "table row 5: column 'fired' is empty or NaN" in _refusal(_cell(5, fired=np.nan))
+
+
+def test_train_steering_refuses_nan_n():
+    assert "table row 6: column 'n' is empty or NaN" in _refusal(_cell(6, n=np.nan))
+
+
+def test_train_steering_refuses_fractional_counts():
+    assert "fired must be a whole count, got 3.5" in _refusal(_cell(2, fired=3.5))
+    assert "n must be a whole count, got 99.5" in _refusal(_cell(2, n=99.5))
+
+
+def test_train_steering_refuses_text_in_a_count_column():
+    message = _refusal(_cell(3, n="many"))
+    assert (
+        "table row 3 (arm 'C', persona 'p00', question_id 'q03', mode 'prompted', coef '0'): n 'many' is not a number"
+        in message
+    )
+
+
+def test_train_steering_refuses_fired_above_n():
+    assert "fired 101 > n 100" in _refusal(_cell(0, fired=101))
+
+
+def test_train_steering_refuses_an_unknown_persona():
+    """A persona outside the reference's prompted rows used to be dropped from every ranking."""
+    message = _refusal(_cell(200, persona="p99"))
+    assert "persona 'p99' is not a persona of arm 'C''s prompted rows (p00," in message
+    message = _refusal(_table(), personas=[*PERSONAS[:9], "p10"])  # the study's sources, when given
+    assert "persona 'p09' is not a source of the study" in message
+
+
+def test_train_steering_refuses_unknown_values():
+    assert "mode 'steerd' is not a mode (prompted, neutral, steered)" in _refusal(_cell(300, mode="steerd"))
+    message = _refusal(_cell(300, coef="+3"))
+    assert "coef '+3' is not a coefficient label" in message and "(0, +2, calibrated, -calibrated)" in message
+
+
+def test_one_row_arm_typo_is_refused():
+    message = _refusal(pd.concat([_table(), _table().iloc[[400]].assign(arm="iso_rand")]))
+    assert "arm 'iso_rand' is not an arm of the study (train_steering.arms)" in message
+
+
+def test_train_steering_refuses_a_mode_the_arm_is_not_sampled_in():
+    steered_at_zero = _table()
+    steered_at_zero.loc[steered_at_zero["mode"] == "steered", "coef"] = "0"
+    steered_at_zero = steered_at_zero.drop_duplicates(["arm", "persona", "question_id", "mode", "coef"])
+    assert "mode 'steered' takes a steered label" in _refusal(steered_at_zero)
+    assert "mode 'prompted' is unsteered: coef '0'" in _refusal(_cell(0, coef="+2"))
+    assert "mode 'prompted' is read for arm 'C' only" in _refusal(_cell(0, arm="A"))
+
+
+def test_train_steering_refuses_a_missing_control_arm():
+    """Without the control arm, direction_not_specific was never evaluated and the decision could pass."""
+    table = _table()
+    message = _refusal(table[table["arm"] != "iso_random"])
+    assert "table: no rows for arm 'iso_random'; the decision reads" in message
+
+
+def test_train_steering_refuses_an_arm_missing_a_coefficient():
+    table = _table()
+    partial = pd.concat([table, table[(table["arm"] == "A") & (table["coef"] == "+2")].assign(arm="B")])
+    assert "no rows for arm 'B', mode 'steered', coef 'calibrated'" in _refusal(partial)
+
+
+def test_train_steering_refuses_a_missing_persona_in_a_series():
+    table = _table()
+    gap = table[~((table["arm"] == "A") & (table["mode"] == "neutral") & (table["persona"] == "p04"))]
+    assert "no rows for arm 'A', mode 'neutral', coef '0', persona 'p04'" in _refusal(gap)
+
+
+def test_train_steering_refuses_minus_calibrated_without_calibrated():
+    """With c_eval [2.0], an arm's -calibrated rows need its calibrated ones, or the sign check is skipped."""
+    table = _table()
+    message = _refusal(table[~((table["arm"] == "A") & (table["coef"] == "calibrated"))], c_eval=[2.0])
+    assert "no rows for arm 'A', mode 'steered', coef 'calibrated'; the sign check compares" in message
+
+
+def test_analyze_train_steering_refuses_text_in_a_count_column_without_a_traceback(tmp_path, capsys):
+    from pathlib import Path
+
+    from personaspace.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    _cell(7, fired="seven").to_csv(tmp_path / "counts.csv", index=False)
+    args = ["analyze", "train_steering", "--table", str(tmp_path / "counts.csv"), "--params",
+            str(repo / "params.yaml"), "--study", str(repo / "conf/study/train_steering.yaml")]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "table row 7 (" in error and "fired 'seven' is not a number" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()

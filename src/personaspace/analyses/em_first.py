@@ -16,7 +16,8 @@ Choices, each documented where it is made:
 
 - Clusters are (persona, question_id). The bootstrap resamples clusters of per-cell sums; the
   existing per-completion statistics get each cell expanded into ``n`` rows (``fired`` of them
-  fired), every row carrying the cell's ``mean_tokens`` as its ``n_tokens``.
+  fired), every row carrying the cell's ``mean_tokens`` as its ``n_tokens``; a table counting more
+  than ``MAX_COMPLETIONS`` completions is refused rather than expanded.
 - Contrasts (H1, H2, H3) compare pooled bystander rates, treatment minus control. With a baseline
   the headline delta is baseline-subtracted: (r_T - b_T) - (r_C - b_C), where b is the bystander
   false-positive rate of each condition's pretrained base, bootstrapped with the same cluster draw
@@ -47,6 +48,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from personaspace.analyses import TableError
+from personaspace.analyses.tables import CountTable, Known
 from personaspace.config import ContrastSpec, EmFirstParams, StatsParams, StudyParams
 from personaspace.seeds import stable_seed
 from personaspace.stats import adjust_pvalues, cluster_bootstrap_difference, undefined, wilson_interval
@@ -55,81 +57,39 @@ from personaspace.stats.undefined import replace_non_finite
 from personaspace.study import BASELINE as NO_ADAPTER
 from personaspace.study import Roles, check_em_first
 
-REQUIRED_COLUMNS = ("condition", "persona", "question_id", "fired", "n")
+REQUIRED_KEYS = ("condition", "persona", "question_id")
 OPTIONAL_COLUMNS = ("mean_tokens",)
 CLUSTER = ("persona", "question_id")
 COMPLETION_COLUMNS = ("condition", "adapter", "persona", "question_id", "fired")
 P_TEST = "cluster bootstrap over (persona, question_id), two-sided: 2 x the smaller tail mass at 0 (+1 corrected)"
-
-
-def _cell(table: pd.DataFrame, row: int) -> str:
-    values = table.iloc[row]
-    return f"condition {values['condition']!r}, persona {values['persona']!r}, question_id {values['question_id']!r}"
+MAX_COMPLETIONS = 1_000_000
+"""The most completions (sum of ``n``) a table may count: the sensitivity models fit one row per completion
+(``_expand``, about 125 bytes each before the fits' copies); a paper-scale table counts tens of thousands."""
 
 
 def validate_counts(table: pd.DataFrame, study: StudyParams, name: str = "table") -> pd.DataFrame:
     """Check a counts table's contract against ``study``; a clean copy, or TableError naming the row and key.
 
-    Rows are named by position (0 = first data row) and by their (condition, persona, question_id).
-    Nothing is coerced silently: a fractional or true/false count is an error, not a truncation.
+    The shared check (``analyses.tables``) with the study's conditions and eval personas; rows are
+    named by position (0 = first data row) and by their (condition, persona, question_id).
     """
-    if not isinstance(table, pd.DataFrame):
-        raise TableError(f"{name}: expected a DataFrame, got {type(table).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise TableError(f"{name}: missing column(s) {missing}; the table needs {list(REQUIRED_COLUMNS)}")
-    unknown = [c for c in table.columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-    if unknown:
-        raise TableError(f"{name}: unknown column(s) {unknown}; allowed: {list(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-    if table.empty:
-        raise TableError(f"{name}: no rows; it needs one row per (condition, persona, question_id)")
-    table = table.reset_index(drop=True)
-    for column in table.columns:
-        bad = table[column].isna().to_numpy()
-        if bad.any():
-            raise TableError(f"{name} row {int(np.argmax(bad))}: column {column!r} is empty or NaN")
-    for column in ("condition", "persona", "question_id"):
-        table[column] = table[column].astype(str)
-    numbers = {}
-    for column in [c for c in ("fired", "n", "mean_tokens") if c in table]:
-        flags = table[column].map(lambda v: isinstance(v, bool | np.bool_)).to_numpy()
-        if flags.any():
-            row = int(np.argmax(flags))
-            raise TableError(f"{name} row {row} ({_cell(table, row)}): {column} holds true/false, not a number")
-        values = pd.to_numeric(table[column], errors="coerce")
-        if values.isna().any():
-            row = int(np.argmax(values.isna().to_numpy()))
-            raise TableError(
-                f"{name} row {row} ({_cell(table, row)}): {column} {table[column].iloc[row]!r} is not a number"
-            )
-        numbers[column] = values.astype(float)
-    fired, n = numbers["fired"], numbers["n"]
-    checks = [
-        (n <= 0, lambda r: f"n must be a positive count, got {n.iloc[r]:g}"),
-        (n % 1 != 0, lambda r: f"n must be a whole count, got {n.iloc[r]:g}"),
-        (fired < 0, lambda r: f"fired must be >= 0, got {fired.iloc[r]:g}"),
-        (fired % 1 != 0, lambda r: f"fired must be a whole count, got {fired.iloc[r]:g}"),
-        (fired > n, lambda r: f"fired {fired.iloc[r]:g} > n {n.iloc[r]:g}"),
-    ]
-    if "mean_tokens" in numbers:
-        tokens = numbers["mean_tokens"]
-        checks.append((tokens < 0, lambda r: f"mean_tokens must be >= 0, got {tokens.iloc[r]:g}"))
-    checks += [
-        (~table["condition"].isin(list(study.conditions)),
-         lambda r: f"condition is not a condition of the study ({', '.join(study.conditions)})"),
-        (~table["persona"].isin(study.eval_personas),
-         lambda r: f"persona is not an eval persona of the study ({', '.join(study.eval_personas)})"),
-        (table.duplicated(["condition", *CLUSTER]), lambda r: "appears twice; one row per (condition, persona, question_id)"),
-    ]  # fmt: skip
-    for bad, message in checks:
-        bad = np.asarray(bad)
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise TableError(f"{name} row {row} ({_cell(table, row)}): {message(row)}")
-    table["fired"], table["n"] = fired.astype(np.int64), n.astype(np.int64)
-    if "mean_tokens" in numbers:
-        table["mean_tokens"] = numbers["mean_tokens"]
-    return table
+    spec = CountTable(
+        name, REQUIRED_KEYS, optional=OPTIONAL_COLUMNS,
+        known={"condition": Known(list(study.conditions), "a condition of the study"),
+               "persona": Known(study.eval_personas, "an eval persona of the study")},
+    )  # fmt: skip
+    return spec.validate(table)
+
+
+def _check_expandable(counts: pd.DataFrame) -> None:
+    """TableError when the coupled counts exceed ``MAX_COMPLETIONS`` (the rows ``_expand`` would build)."""
+    total = float(counts["n"].sum())
+    if total > MAX_COMPLETIONS:
+        raise TableError(
+            f"table: counts {total:.0f} completions (sum of n), above the {MAX_COMPLETIONS:,} its per-completion "
+            "sensitivity fits expand to; check that n counts the completions of one (condition, persona, "
+            "question_id) cell, or subsample completions before counting"
+        )
 
 
 def counts_from_completions(completions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -505,6 +465,7 @@ def analyze_em_first(
     """
     roles, cfg = check_em_first(study)
     counts = validate_counts(counts, study, "table")
+    _check_expandable(counts)
     counts["role"] = counts["persona"].map(roles.of)
     counts["pretrained"] = counts["condition"].map(lambda c: study.conditions[c].pretrained)
     if baseline is not None:

@@ -24,7 +24,10 @@
 
 Inputs are tables and arrays, never files: per-(condition, recipe, persona, question) counts (an
 optional ``truncated`` column counts completions that hit the token limit), the pre-coupling
-baseline counts, and per base the per-question readouts of the centroids stage.
+baseline counts, and per base the per-question readouts of the centroids stage. The tables are
+checked before anything is computed (``count_tables``: the shared ``analyses.tables`` check with
+the study's conditions, recipes and personas), and readouts recorded from another base than the
+one they are given as are refused (``load_states``, ``geometric``).
 """
 
 from __future__ import annotations
@@ -39,14 +42,15 @@ import numpy as np
 import pandas as pd
 
 from personaspace.analyses import TableError
+from personaspace.analyses.tables import CountTable, Coverage, Known
 from personaspace.config import JointProbeParams, StatsParams, StudyParams
 from personaspace.seeds import stable_seed
 from personaspace.stats.bootstrap import cluster_bootstrap_difference
 from personaspace.stats.rates import wilson_interval
 from personaspace.study import Roles, check_joint_probe
 
-COUNT_COLUMNS = ("condition", "recipe", "persona", "question_id", "fired", "n")
-BASELINE_COLUMNS = ("condition", "persona", "question_id", "fired", "n")
+COUNT_KEYS = ("condition", "recipe", "persona", "question_id")
+BASELINE_KEYS = ("condition", "persona", "question_id")
 CLUSTER = ("persona", "question_id")
 P_TEST = "cluster bootstrap over (persona, question_id), paired, two-sided: 2 x the smaller tail mass at 0 (+1)"
 BUCKETS = {
@@ -59,20 +63,48 @@ BUCKETS = {
 
 @dataclass(frozen=True)
 class BaseStates:
-    """One base's per-question readouts: values (prompts, layers, hidden), who and which question each row is."""
+    """One base's per-question readouts: values (prompts, layers, hidden), who and which question each row is.
+
+    ``base``: the pretrained base the readouts were recorded from, when the file says (None otherwise).
+    """
 
     values: np.ndarray
     personas: Sequence[str]
     question_ids: Sequence[str]
     layers: Sequence[int]
+    base: str | None = None
 
 
-def load_states(path: Path, readout: str) -> BaseStates:
-    """One base's per-question readouts of ``readout`` from a centroids stage's `states.npz`."""
+def recorded_base(path: Path) -> str | None:
+    """The base a states file was read from: its own ``base`` entry, else its centroids stage sibling's.
+
+    The centroids stage writes ``base`` (the model folder's name) into ``centroids.npz`` beside
+    ``states.npz``; a states file elsewhere, or without either, records none.
+    """
+    for file in (path, path.parent / "centroids.npz" if path.name == "states.npz" else None):
+        if file is not None and file.is_file():
+            with np.load(file) as data:
+                if "base" in data:
+                    return str(data["base"])
+    return None
+
+
+def load_states(path: Path, readout: str, base: str | None = None) -> BaseStates:
+    """One base's per-question readouts of ``readout`` from a centroids stage's `states.npz`.
+
+    ``base``: the base the caller takes it for; a file that records another is refused (swapped files
+    would flip the geometric delta's sign).
+    """
+    recorded = recorded_base(path)
+    if base is not None and recorded is not None and recorded != base:
+        raise TableError(f"states: {path} holds the readouts of base {recorded!r}, given as base {base!r}; "
+                         f"give each base its own centroids folder's states.npz ({base}=.../{base}/states.npz)")  # fmt: skip
     with np.load(path) as data:
         if readout not in data:
             raise TableError(f"states: {path} has no {readout!r} readout; add it to probes.readouts")
-        return BaseStates(data[readout], list(data["persona"]), list(data["question_id"]), data["layers"].tolist())
+        return BaseStates(
+            data[readout], list(data["persona"]), list(data["question_id"]), data["layers"].tolist(), recorded
+        )
 
 
 def counts_from_completions(completions: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -92,22 +124,34 @@ def counts_from_completions(completions: pd.DataFrame) -> tuple[pd.DataFrame, pd
     return reduce(coupled, ["condition", "recipe", "persona", "question_id"]), reduce(baseline, keys)
 
 
-def _validate(table: pd.DataFrame, columns: Sequence[str], name: str, study: StudyParams) -> pd.DataFrame:
-    missing = [c for c in columns if c not in table]
-    if missing:
-        raise TableError(f"{name}: missing columns {missing}; it needs {list(columns)}")
-    if table.empty:
-        raise TableError(f"{name}: the table has no rows")
-    bad = table[(table["n"] <= 0) | (table["fired"] < 0) | (table["fired"] > table["n"])]
-    if len(bad):
-        raise TableError(f"{name}: row {bad.index[0]} has fired={bad['fired'].iloc[0]}, n={bad['n'].iloc[0]}; "
-                         "need 0 <= fired <= n and n > 0")  # fmt: skip
-    unknown = sorted(set(table["condition"]) - set(study.conditions))
-    if unknown:
-        raise TableError(f"{name}: conditions {unknown} are not conditions of the study ({list(study.conditions)})")
-    if table.duplicated([c for c in columns if c not in ("fired", "n")]).any():
-        raise TableError(f"{name}: a cell appears twice; one row per {[c for c in columns if c not in ('fired', 'n')]}")
-    return table
+def count_tables(study: StudyParams, roles: Roles, cfg: JointProbeParams) -> tuple[CountTable, CountTable]:
+    """The contracts of the count table and the baseline under ``study`` (``analyses.tables``).
+
+    Known: the study's conditions, recipes and eval personas. Read: under each of control,
+    treatment and specificity, every recipe of ``study.recipes`` (the table) and every source and
+    bystander persona.
+    """
+    conditions = [cfg.control, cfg.treatment, cfg.specificity]
+    personas = [*roles.sources, *roles.bystanders]
+    known = {
+        "condition": Known(list(study.conditions), "a condition of the study"),
+        "recipe": Known(study.recipes, "a recipe of the study (study.recipes)"),
+        "persona": Known(study.eval_personas, "an eval persona of the study"),
+    }
+    why = (
+        "joint_probe reads every recipe of study.recipes under joint_probe.control, treatment and specificity, "
+        "for the sources and every bystander; add the rows, or take the recipe out of study.recipes"
+    )
+    table = CountTable(
+        "table", COUNT_KEYS, known, optional=("truncated",),
+        coverage=[Coverage({"recipe": study.recipes, "condition": conditions, "persona": personas}, why)],
+    )  # fmt: skip
+    why = "the baseline is reported per condition over the sources and bystanders; add the rows or leave it out"
+    baseline = CountTable(
+        "baseline", BASELINE_KEYS, {k: v for k, v in known.items() if k != "recipe"}, optional=("truncated",),
+        coverage=[Coverage({"condition": conditions, "persona": personas}, why)],
+    )  # fmt: skip
+    return table, baseline
 
 
 def _pooled(part: pd.DataFrame, level: float) -> dict[str, Any]:
@@ -206,6 +250,12 @@ def geometric(
     absent = sorted({b for b in bases.values() if b not in states})
     if absent:
         raise TableError(f"states: no readouts of the bases {absent}")
+    for base in dict.fromkeys(bases.values()):
+        if states[base].base not in (None, base):
+            raise TableError(
+                f"states: the readouts given as base {base!r} were recorded from base {states[base].base!r}; "
+                f"give each base its own centroids folder's states.npz ({base}=.../{base}/states.npz)"
+            )
     first = states[bases[cfg.control]]
     layers = list(first.layers)
     if any(list(states[b].layers) != layers for b in bases.values()):
@@ -302,7 +352,10 @@ def analyze_joint_probe(
 ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
     """S3's metrics (decisions as named values, every number with its n and interval) and plot tables."""
     roles, cfg = check_joint_probe(study, seed)
-    counts = _validate(counts, COUNT_COLUMNS, "table", study)
+    table_spec, baseline_spec = count_tables(study, roles, cfg)
+    counts = table_spec.validate(counts)
+    if baseline is not None:
+        baseline = baseline_spec.validate(baseline)
     beh = behavioural(counts, roles, cfg, stats, seed)
     geo = geometric(states, study, roles, cfg, stats, seed)
     metrics: dict[str, Any] = {
@@ -314,7 +367,6 @@ def analyze_joint_probe(
         "recipes": {recipe: part | decide(part["h1"], geo["h1"], cfg) for recipe, part in beh.items()},
     }  # fmt: skip
     if baseline is not None:
-        baseline = _validate(baseline, BASELINE_COLUMNS, "baseline", study)
         metrics["baseline"] = {
             condition: {
                 "bystanders": _pooled(rows[rows["persona"].isin(roles.bystanders)], stats.ci_level),

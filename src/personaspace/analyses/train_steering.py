@@ -13,6 +13,9 @@ the adapter of ``persona`` trained in ``arm``, sampled under
   each coefficient label of ``coef_labels`` (a number such as ``+2``, ``calibrated`` for the
   persona's c_train, and ``-calibrated`` for -c_train, the sign check).
 
+``validate_counts`` checks it first (the shared ``analyses.tables`` check with the arms, modes,
+coefficient labels and personas of the study, and the series the decision reads).
+
 **Primary**, per steered coefficient: Spearman rho across personas between the primary arm's
 (A's) steered fire rate and the reference arm's (C's) prompted fire rate, with a percentile
 interval from a question-level cluster bootstrap (the same questions drawn for every persona and
@@ -48,11 +51,12 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from personaspace.analyses import TableError
+from personaspace.analyses.tables import CountTable, Coverage, Known
 from personaspace.config import StatsParams, TrainSteeringParams
 from personaspace.seeds import stable_seed
 from personaspace.stats.rates import wilson_interval
 
-COUNT_COLUMNS = ("arm", "persona", "question_id", "mode", "coef", "fired", "n")
+COUNT_KEYS = ("arm", "persona", "question_id", "mode", "coef")
 MODES = ("prompted", "neutral", "steered")
 UNSTEERED = "0"  # the coef label of the prompted and neutral modes
 SIGN_CHECK = ("calibrated", "-calibrated")  # (+c_train, -c_train)
@@ -76,31 +80,57 @@ def counts_from_completions(completions: pd.DataFrame) -> pd.DataFrame:
     return sums.astype({"fired": "int64", "n": "int64"})
 
 
-def validate_counts(table: pd.DataFrame, cfg: TrainSteeringParams) -> pd.DataFrame:
-    """The count table's contract; a clean copy (``coef`` as text), or TableError naming the key."""
-    if not isinstance(table, pd.DataFrame):
-        raise TableError(f"table: expected a DataFrame, got {type(table).__name__}")
-    missing = [c for c in COUNT_COLUMNS if c not in table]
-    if missing:
-        raise TableError(f"table: missing columns {missing}; it needs {list(COUNT_COLUMNS)}")
-    if table.empty:
-        raise TableError("table: the table has no rows")
-    table = table.assign(coef=table["coef"].astype(str))
-    bad = table[(table["n"] <= 0) | (table["fired"] < 0) | (table["fired"] > table["n"])]
-    if len(bad):
-        raise TableError(f"table: row {bad.index[0]} has fired={bad['fired'].iloc[0]}, n={bad['n'].iloc[0]}; "
-                         "need 0 <= fired <= n and n > 0")  # fmt: skip
-    unknown = sorted(set(table["mode"]) - set(MODES))
-    if unknown:
-        raise TableError(f"table: modes {unknown} are not {list(MODES)}")
-    arms = sorted(set(table["arm"]) - set(cfg.arms))
-    if arms:
-        raise TableError(f"table: arms {arms} are not arms of the study ({list(cfg.arms)})")
-    if table.duplicated(list(COUNT_COLUMNS[:5])).any():
-        raise TableError(f"table: a cell appears twice; one row per {list(COUNT_COLUMNS[:5])}")
-    for arm, mode in ((cfg.primary_arm, "steered"), (cfg.reference_arm, "prompted"), (cfg.primary_arm, "neutral")):
-        if not ((table["arm"] == arm) & (table["mode"] == mode)).any():
-            raise TableError(f"table: no {mode!r} rows of arm {arm!r}; the decision needs them")
+def validate_counts(
+    table: pd.DataFrame, cfg: TrainSteeringParams, personas: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The count table's contract (``analyses.tables``); a clean copy (``coef`` as text), or TableError naming the key.
+
+    Known: the arms of ``cfg``, the modes, the coefficient labels (``0`` unsteered, then
+    ``coef_labels``) and ``personas`` (the study's sources; None: the personas of the reference arm's
+    prompted rows). A mode only where steer_eval samples it: ``prompted`` for the reference arm and
+    ``neutral`` for the primary arm, both at coef ``0``; ``steered`` at a steered label. Read, for
+    every persona: the reference's prompted and the primary's neutral rows; the primary and control
+    arms, and every other arm in the table, at every c_eval label; ``calibrated`` for an arm with
+    ``-calibrated`` rows (the sign check).
+    """
+    given = personas is not None
+    if not given and isinstance(table, pd.DataFrame) and {"arm", "mode", "persona"} <= set(table.columns):
+        reference = (table["arm"].astype(str) == cfg.reference_arm) & (table["mode"].astype(str) == "prompted")
+        personas = sorted(set(table.loc[reference, "persona"].dropna().astype(str)))
+    labels = [coef_label(c) for c in cfg.c_eval]
+    known = {
+        "arm": Known(list(cfg.arms), "an arm of the study (train_steering.arms)"),
+        "mode": Known(MODES, "a mode"),
+        "coef": Known([UNSTEERED, *coef_labels(cfg)], "a coefficient label (0 unsteered, c_eval's, -calibrated)"),
+    }
+    if personas:
+        what = "a source of the study" if given else f"a persona of arm {cfg.reference_arm!r}'s prompted rows"
+        known["persona"] = Known(personas, what)
+    spec = CountTable("table", COUNT_KEYS, known)
+    table = spec.validate(table)
+    steered, unsteered = table["mode"] == "steered", table["coef"] == UNSTEERED
+    spec.refuse_rows(table, ~steered & ~unsteered, lambda r: f"mode {table['mode'].iloc[r]!r} is unsteered: coef '0'")
+    spec.refuse_rows(table, steered & unsteered, lambda r: f"mode 'steered' takes a steered label {coef_labels(cfg)}")
+    for mode, arm in (("prompted", cfg.reference_arm), ("neutral", cfg.primary_arm)):
+        spec.refuse_rows(table, (table["mode"] == mode) & (table["arm"] != arm),
+                         lambda r, m=mode, a=arm: f"mode {m!r} is read for arm {a!r} only (train_steering)")  # fmt: skip
+    who = list(personas or [])
+    needs = [
+        Coverage({"arm": [cfg.reference_arm], "mode": ["prompted"], "coef": [UNSTEERED], "persona": who},
+                 "the prompted ranking to recover (train_steering.reference_arm); the decision needs them"),
+        Coverage({"arm": [cfg.primary_arm], "mode": ["neutral"], "coef": [UNSTEERED], "persona": who},
+                 "the kill criterion baseline_rate_driven reads them; the decision needs them"),
+        Coverage({"arm": [cfg.primary_arm, cfg.control_arm], "mode": ["steered"], "coef": labels, "persona": who},
+                 "the decision reads the primary arm, direction_not_specific the control arm, at every c_eval label"),
+    ]  # fmt: skip
+    for arm in dict.fromkeys(table.loc[steered, "arm"]):
+        needs.append(Coverage({"arm": [arm], "mode": ["steered"], "coef": labels, "persona": who},
+                              "every arm in the table is compared at every c_eval label; add its rows or drop the arm"))  # fmt: skip
+        if table.loc[steered & (table["arm"] == arm), "coef"].eq(SIGN_CHECK[1]).any():
+            needs.append(Coverage({"arm": [arm], "mode": ["steered"], "coef": list(SIGN_CHECK), "persona": who},
+                                  "the sign check compares -calibrated with calibrated (+c_train); add its rows"))  # fmt: skip
+    for need in needs:
+        spec.require(table, need)
     return table
 
 
@@ -183,10 +213,13 @@ def _rates(fired: np.ndarray, n: np.ndarray, personas: Sequence[str], level: flo
 
 
 def analyze_train_steering(
-    counts: pd.DataFrame, cfg: TrainSteeringParams, stats: StatsParams, seed: int
+    counts: pd.DataFrame, cfg: TrainSteeringParams, stats: StatsParams, seed: int, personas: Sequence[str] | None = None
 ) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
-    """The S4 metrics (see the module docstring) and plot tables: ``scatter`` and ``rho``."""
-    table = validate_counts(counts, cfg)
+    """The S4 metrics (see the module docstring) and plot tables: ``scatter`` and ``rho``.
+
+    ``personas``: the study's sources, the only personas the table may hold (``validate_counts``).
+    """
+    table = validate_counts(counts, cfg, personas)
     reference = table[(table["arm"] == cfg.reference_arm) & (table["mode"] == "prompted")]
     personas = sorted(reference["persona"].unique())
     questions = sorted(table["question_id"].unique())
