@@ -1,12 +1,12 @@
 """Stage `eval`: every coupling adapter of one condition under every eval persona, plus the baseline.
 
     python stages/eval.py --condition base --model models/raw --adapters models/adapters/base/ds1a2b3c4d \
-        --cells data/eval_cells/base --out data/eval/panel/base --metrics metrics/panel/eval_base.json
+        --cells .cache/cells/eval/base --out data/eval/panel/base --metrics metrics/panel/eval_base.json
 
 K completions per (adapter, eval persona, eval question) with params' `eval` sampling; adapter
 `none` is the pre-coupling false-positive baseline (the condition's base, same protocol). Cells are
-cached by content in --cells (a persistent DVC output), so growing the panel samples only new
-cells and a killed run resumes. Writes completions.parquet (one row per completion, every id) and
+cached by content in --cells (a folder DVC never touches, under the repo root), so growing the
+panel samples only new cells and a killed run resumes, under `dvc repro` and `dvc exp run` alike. Writes completions.parquet (one row per completion, every id) and
 rates.parquet (source x eval persona: fired, n, rate, Wilson interval), and the summary metrics.
 """
 
@@ -31,7 +31,7 @@ from personaspace.evaluation import (
 )
 from personaspace.fingerprints import fingerprint_dir
 from personaspace.generate import Sampling, load_generator
-from personaspace.io import atomic_path, record_timing, write_json
+from personaspace.io import atomic_path, in_repo_root, record_timing, write_json
 from personaspace.personas import load_catalog
 from personaspace.tracking import log_to_parent, stage_run
 
@@ -67,7 +67,8 @@ def main() -> None:
     gen = params.generation
     # hf: batches dealt to the GPUs; vllm: an engine per parallel.tensor GPUs; gathered on every rank
     ranks = launch(params.parallel.processes, gen.device)
-    store = CellStore(args.cells, write=ranks.main)  # every rank holds the cells; rank 0 alone writes them
+    # every rank holds the cells; rank 0 alone writes them
+    store = CellStore(in_repo_root(args.cells), write=ranks.main)
     generator = load_generator(
         gen.backend,
         args.model,

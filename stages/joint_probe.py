@@ -47,7 +47,10 @@ def main() -> None:
         raise ParamsError(f"no stage output in {missing}; run `dvc repro eval centroids` first")
     completions = pd.concat([pd.read_parquet(folder / "completions.parquet") for folder in args.evals])
     counts, baseline = counts_from_completions(completions)
-    states = {folder.name: load_states(folder / "states.npz", study.joint_probe.readout) for folder in args.centroids}
+    states = {
+        folder.name: load_states(folder / "states.npz", study.joint_probe.readout, base=folder.name)
+        for folder in args.centroids
+    }
     trained = pd.concat([pd.read_parquet(path) for folder in args.markers for path in sorted(folder.glob("*.parquet"))])
     longest = int(trained["n_tokens"].max())
     rule = {

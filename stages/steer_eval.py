@@ -2,7 +2,7 @@
 
     python stages/steer_eval.py --condition base --model models/raw --adapters models/adapters/base/ds1a2b3c4d \
         --steered models/steered/train_steering/base --steering data/steering/train_steering/base \
-        --cells data/steer_eval_cells/base --out data/steer_eval/train_steering/base \
+        --cells .cache/cells/steer_eval/base --out data/steer_eval/train_steering/base \
         --metrics metrics/train_steering/steer_eval_base.json
 
 The plan is personaspace.steered_eval's; cells are sampled on the hf backend whatever
@@ -25,7 +25,7 @@ from personaspace.config import ParamsError, load_params
 from personaspace.evaluation import CellStore, evaluate_jobs
 from personaspace.fingerprints import fingerprint_dir
 from personaspace.generate import Sampling, load_generator
-from personaspace.io import atomic_path, record_timing, write_json
+from personaspace.io import atomic_path, in_repo_root, record_timing, write_json
 from personaspace.personas import load_catalog
 from personaspace.steered_eval import eval_jobs
 from personaspace.steering import SteeringVectors
@@ -70,7 +70,7 @@ def main() -> None:
                 for key, folder in folders.items()}  # fmt: skip
     jobs = eval_jobs(cfg, SteeringVectors.load(args.steering), adapters, args.condition)
     generator = load_generator("hf", args.model, batch_size=gen.batch_size, device=gen.device, dtype=gen.dtype)
-    store = CellStore(args.cells)
+    store = CellStore(in_repo_root(args.cells))
     start = time.perf_counter()
     with stage_run("steer_eval", {"condition": args.condition, "jobs": len(jobs)}, tags={"condition": args.condition},
                    study=study.name):  # fmt: skip

@@ -43,7 +43,7 @@ def main() -> None:
     with stage_run("train_steering", {"rows": len(counts)}, study=params.study.name):
         import mlflow
 
-        metrics, tables = analyze_train_steering(counts, cfg, params.stats, params.seed)
+        metrics, tables = analyze_train_steering(counts, cfg, params.stats, params.seed, personas=params.study.sources)
         figures = partial(plots.train_steering_figures, pass_rho=cfg.pass_rho)
         plots.write_analysis_outputs(tables, args.plots, args.figures, figures)
         write_json(metrics, args.metrics)

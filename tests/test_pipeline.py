@@ -324,9 +324,9 @@ def test_forced_reruns_of_eval_and_regress_give_the_same_bytes(tiny_repo):
     """Every eval cell sampled afresh gives the same completions, rates, metrics and lock entry; regress
     the same statistics and figures (no creation date in the PDFs)."""
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())["stages"]
-    results = ["data/eval/panel/base", "data/eval_cells/base"]
+    results = ["data/eval/panel/base", ".cache/cells/eval/base"]
     before, metrics = _files(tiny_repo, results), (tiny_repo / "metrics/panel/eval_base.json").read_bytes()
-    shutil.rmtree(tiny_repo / "data/eval_cells/base")
+    shutil.rmtree(tiny_repo / ".cache/cells/eval/base")
     _run(["dvc", "repro", "--force", "--single-item", "eval@panel-base"], tiny_repo)
     assert _files(tiny_repo, results) == before
     assert (tiny_repo / "metrics/panel/eval_base.json").read_bytes() == metrics
@@ -335,6 +335,22 @@ def test_forced_reruns_of_eval_and_regress_give_the_same_bytes(tiny_repo):
     before = _files(tiny_repo, figures)
     _run(["dvc", "repro", "--force", "--single-item", "regress@panel-base"], tiny_repo)
     assert _files(tiny_repo, figures) == before
+
+
+@pytest.mark.slow
+def test_a_killed_eval_resumes_under_dvc_exp_run_with_its_finished_cells(tiny_repo):
+    """The cell cache is no DVC output: `dvc exp run`'s workspace setup cannot remove a killed run's finished
+    cells, so the resumed eval samples only the cells the kill cut short and gives the uninterrupted bytes."""
+    cells = tiny_repo / ".cache/cells/eval/base"
+    before = _files(tiny_repo, ["data/eval/panel/base"])
+    unfinished = sorted(cells.glob("*.parquet"))[0]  # as if the kill came before this adapter's chunk was written
+    missing = len(pd.read_parquet(unfinished))
+    unfinished.unlink()
+    shutil.rmtree(tiny_repo / "data/eval/panel/base")
+    output = _run(["dvc", "exp", "run"], tiny_repo)
+    assert "eval@panel-base" in _ran(output)
+    assert json.loads((tiny_repo / "timings.json").read_text())["eval@panel-base"]["generated_now"] == missing
+    assert _files(tiny_repo, ["data/eval/panel/base"]) == before
 
 
 @pytest.mark.slow
@@ -418,7 +434,7 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     )
     regress = json.loads((tiny_repo / "results/panel/base/regress.json").read_text())
     assert regress["n_personas"] == 23 and "inherited_vs_new" in regress["gates"]
-    _check_mlflow(tiny_repo, couple_runs=24, invocations=4)  # repro, forced eval and regress reruns, exp run
+    _check_mlflow(tiny_repo, couple_runs=24, invocations=5)  # repro, forced eval and regress reruns, 2 exp runs
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:

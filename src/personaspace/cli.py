@@ -229,7 +229,7 @@ def analyze_command(args: argparse.Namespace) -> int:
                 if not path or not Path(path).is_file():
                     return refuse(f"--states {spec}: give BASE=PATH to an existing states.npz (the centroids stage's)")
                 states[name] = joint_probe.load_states(
-                    Path(path), study.joint_probe.readout if study.joint_probe else ""
+                    Path(path), study.joint_probe.readout if study.joint_probe else "", base=name
                 )
             metrics, plot_data = joint_probe.analyze_joint_probe(
                 tables["--table"], tables.get("--baseline"), states, study, stats, seed
@@ -242,7 +242,9 @@ def analyze_command(args: argparse.Namespace) -> int:
             from personaspace.study import check_train_steering
 
             cfg = check_train_steering(study, int(raw.get("seed", 0)))  # the study seed draws the negatives
-            metrics, plot_data = train_steering.analyze_train_steering(tables["--table"], cfg, stats, seed)
+            metrics, plot_data = train_steering.analyze_train_steering(
+                tables["--table"], cfg, stats, seed, personas=study.sources
+            )
             figures = partial(plots.train_steering_figures, pass_rho=cfg.pass_rho)
             line = train_steering.summary_line(metrics)
         else:

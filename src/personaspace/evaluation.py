@@ -1,6 +1,6 @@
 """Eval cells cached by content: sample only the (adapter, persona, question, sample) cells not yet done.
 
->>> store = CellStore(Path("data/eval_cells/base"))                               # doctest: +SKIP
+>>> store = CellStore(Path(".cache/cells/eval/base"))                             # doctest: +SKIP
 >>> table, generated = evaluate_cells(generator, catalog, personas, {"none": (None, fp)}, store=store, ...)  # doctest: +SKIP
 
 A cell's key hashes everything its completion depends on: the generator's sampler, the base and

@@ -107,3 +107,20 @@ def write_manifest(folder: Path | str, manifest: str) -> None:
     folder = Path(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name != manifest)
     (folder / manifest).write_text(json_text({"files": files}))
+
+
+def repo_root() -> Path:
+    """The repository a stage works for: $DVC_ROOT (else the working directory), mapped back from the
+    temporary copy a queued experiment runs in (``<repo>/.dvc/tmp/exps/<name>/``)."""
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def in_repo_root(path: Path | str) -> Path:
+    """``path`` as given when absolute, else under ``repo_root()``: caches that outlive a queued experiment's copy."""
+    path = Path(path)
+    return path if path.is_absolute() else repo_root() / path
