@@ -492,3 +492,27 @@ def test_the_mlflow_ui_shows_the_study_in_a_real_browser(tiny_repo, tmp_path):
         text = browser.page_text(driver, f"{url}/#/models/couple-base-smol-librarian", wait_for=["Version 1", "seed0"])
         driver.save_screenshot(str(tmp_path / "model.png"))
     assert all((tmp_path / f"{name}.png").stat().st_size > 10_000 for name in ("runs", "stage_run", "model"))
+
+
+@pytest.mark.slow
+def test_a_dvc_lock_cut_short_is_recovered_without_retraining_or_resampling(tiny_repo):
+    """DVC writes dvc.lock in place, so a Ctrl-C as it writes can cut it short: every DVC command then fails.
+    `personaspace recover-lock` sets it aside and restores the committed one; the next `dvc repro` trains
+    and samples nothing (run cache, cell cache) and ends with the same results."""
+    lock = tiny_repo / "dvc.lock"
+    whole = lock.read_text()
+    results = ["data/eval/panel/base", "results/panel/base", "metrics/panel"]
+    before = _files(tiny_repo, results)
+    lock.write_text(whole[: len(whole) // 3])  # as DVC leaves it when interrupted mid-dump
+    from personaspace.dvc_lock import lock_problem
+
+    assert "cut short" in lock_problem(lock.read_text())  # DVC fails on it, or reads its cut stages as never run
+    message = _run([sys.executable, "-m", "personaspace.cli", "recover-lock"], tiny_repo)
+    assert "moved to dvc.lock.broken-1" in message and "the committed dvc.lock restored" in message
+    assert (tiny_repo / "dvc.lock.broken-1").read_text() == whole[: len(whole) // 3]  # set aside, not deleted
+    output = _run(["dvc", "repro"], tiny_repo)
+    assert not {s for s in _ran(output) if s.startswith(("datagen@", "couple@", "base"))}, _ran(output)
+    assert json.loads((tiny_repo / "timings.json").read_text())["eval@panel-base"]["generated_now"] == 0
+    assert _files(tiny_repo, results) == before
+    assert "up to date" in _run(["dvc", "repro"], tiny_repo)
+    assert "nothing to do" in _run([sys.executable, "-m", "personaspace.cli", "recover-lock"], tiny_repo)

@@ -6,6 +6,7 @@ personaspace check-params params.yaml          # every check of the pipeline's `
 personaspace analyze em_first --table T.csv --out DIR [--baseline B.csv]   # S2's analysis on per-cell counts
 personaspace analyze joint_probe --table T.csv --states raw=R.npz em=E.npz benign=B.npz --out DIR   # S3's
 personaspace analyze train_steering --table T.csv --out DIR   # S4's, on rates per (arm, persona, question, mode, coef)
+personaspace recover-lock                      # dvc.lock cut short by a Ctrl-C: set aside, the committed one restored
 """
 
 from __future__ import annotations
@@ -346,11 +347,20 @@ def main(argv: list[str] | None = None) -> int:
     analyze.add_argument("--sources", help="override the preset's sources (comma-separated personas)")
     analyze.add_argument("--negatives", help="override the preset's named negatives (comma-separated personas)")
     analyze.add_argument("--assistant", help="override the preset's assistant persona (`none`: no assistant)")
+    sub.add_parser(
+        "recover-lock",
+        help="a dvc.lock cut short (Ctrl-C while DVC wrote it): set it aside, restore the committed one",
+    )
     ui = sub.add_parser("ui", help="the MLflow UI on this project's runs, opening on the runs table")
     ui.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
     if args.command == "ui":
         return ui_command(args.port)
+    if args.command == "recover-lock":
+        from personaspace.dvc_lock import recover_lock
+
+        print(recover_lock(Path.cwd()))
+        return 0
     if args.command == "panels":
         text = panels_yaml()
         if args.write:
