@@ -6,13 +6,15 @@ Writes `report.md` and `report.html` (self-contained: figures embedded) into `--
 and logs both to the stage's MLflow run and to the invocation's parent run. Reads only what
 personaspace.report lists: the study's metrics files, its conditions' completions (under
 `--completions`), its figures, dvc.lock (the inputs' hashes), git, the installed packages, the
-machine and the MLflow database (wall time per stage).
+machine. Wall times (from the MLflow database) go beside it in MLflow as `report/wall_times.md`, never
+into the folder DVC hashes, so identical runs write identical reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -76,7 +78,6 @@ def main() -> None:
             "hardware": hardware(),
             "packages": package_versions(),
             "inputs": input_hashes(lock, [*files, *map(str, folders)]),
-            "stage_seconds": stage_seconds(tracking_uri(), study, stages),
             "command": reproduce_command(params, git["commit"], overrides),
             "params_yaml": study_params_yaml(params),
         }
@@ -88,9 +89,15 @@ def main() -> None:
             (tmp / "report.html").write_text(html)
         written = [args.out / "report.md", args.out / "report.html"]
         if run is not None:
-            for path in written:
-                mlflow.log_artifact(str(path), "report")
-            log_artifacts_to_parent(written, "report")
+            # wall times differ on every run: beside the report in MLflow, never in the DVC-hashed folder
+            times = stage_seconds(tracking_uri(), study, stages)
+            table = "| stage | wall time |\n|---|---|\n" + "".join(f"| `{k}` | {v} |\n" for k, v in times.items())
+            with tempfile.TemporaryDirectory() as scratch:
+                wall = Path(scratch) / "wall_times.md"
+                wall.write_text(f"# Wall times: {study}\n\n{table}")
+                for path in [*written, wall]:
+                    mlflow.log_artifact(str(path), "report")
+                log_artifacts_to_parent([*written, wall], "report")
     print(f"wrote {written[0]} and {written[1]}")
 
 

@@ -207,7 +207,8 @@ def compose(inputs: ReportInputs) -> str:
     out += [f"| hardware: {k} | {v} |" for k, v in card["hardware"].items()]
     out += [f"| package {k} | {v} |" for k, v in card["packages"].items()]
     out += [f"| input `{path}` | `{md5}` |" for path, md5 in card["inputs"].items()]
-    out += [f"| wall time `{stage}` | {seconds} |" for stage, seconds in card["stage_seconds"].items()]
+    out += ["| wall times | in the report's MLflow run (`report/wall_times.md`) and `timings.json`: they differ on "
+            "every run, so this file, which DVC hashes, holds none |"]  # fmt: skip
     out += ["", "Reproduce:", "", "```bash", card["command"], "```", "", "The study's params:", "", "```yaml",
             card["params_yaml"].rstrip(), "```", ""]  # fmt: skip
     return "\n".join(out)
