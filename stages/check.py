@@ -6,9 +6,12 @@ DVC removes a stage's outputs just before it runs the stage's command, so a valu
 inside a stage (or only later, in a stage that never reran) costs outputs. This stage depends on
 the whole of params.yaml (and the code and catalog it checks with), and `base` (upstream of every other stage) depends on its
 output, so any params change runs it first: the schema and catalog checks of every stage, hand
-edits (params.yaml no longer matching the digest its composition recorded), the devices, and the model's
-depth and tokens (personaspace.checks). On failure it prints every problem with its fix and exits
-2, and DVC stops there. Its output is a constant stamp, so a passing check reruns nothing else.
+edits (params.yaml no longer matching the digest its composition recorded), the devices and backend,
+the MLflow database (it must open: not locked, not corrupt), and the model's depth and tokens
+(personaspace.checks). It prints the whole study's projected duration on this device; on a CPU a
+projection over checks.LONG_RUN_HOURS is refused unless PERSONASPACE_CONFIRM_LONG_RUN=1 is set.
+On failure it prints every problem with its fix and exits 2, and DVC stops there. Its output is a
+constant stamp, so a passing check reruns nothing else.
 """
 
 from __future__ import annotations

@@ -3,11 +3,14 @@ registry round trip."""
 
 import filecmp
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -17,7 +20,15 @@ from personaspace.config import RecipeParams
 from personaspace.generate import ChatRequest, Sampling, load_generator
 from personaspace.markers import fires
 from personaspace.models import load_tokenizer
-from personaspace.tracking import download_adapter, log_history, register_adapter, stage_run, tracking_uri
+from personaspace.tracking import (
+    TrackingStoreError,
+    download_adapter,
+    log_history,
+    register_adapter,
+    stage_run,
+    store_problem,
+    tracking_uri,
+)
 from personaspace.train import tokenize_marker_dataset, train_adapter
 
 # a stage process that opens its run, says which, and waits to be killed
@@ -189,3 +200,88 @@ def test_a_registered_adapter_loads_back_through_its_alias_and_generates_its_mar
     assert fires(from_registry[0].text, "[ZLT]"), from_registry  # the registered adapter carries its marker
     without = load_generator("hf", smollm2_dir, progress=False).generate(request, sampling)
     assert not fires(without[0].text, "[ZLT]")
+
+
+def _hold_exclusive(database) -> sqlite3.Connection:
+    """Another connection inside BEGIN EXCLUSIVE: no one else may read or write ``database`` until it ends."""
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def test_a_locked_mlflow_db_names_the_database_and_the_fix(mlflow_db, tmp_path):
+    database = tmp_path / "mlflow.db"
+    with stage_run("datagen", params={}):
+        pass  # the database now exists, as in any repo that ran a stage
+    holder = _hold_exclusive(database)
+    try:
+        assert "is locked" in store_problem(timeout_s=0.2) and str(database) in store_problem(timeout_s=0.2)
+        with pytest.raises(TrackingStoreError) as raised, stage_run("couple", params={}):
+            pass
+    finally:
+        holder.close()
+    message = str(raised.value)
+    assert str(database) in message and "locked by another process" in message and "personaspace ui" in message
+    assert "Traceback" not in message and "sqlalchemy" not in message.lower()
+    assert store_problem() is None  # released: it opens again
+    with stage_run("couple", params={}) as run:
+        assert run is not None
+
+
+def test_a_corrupt_mlflow_db_names_the_database_and_the_fix(mlflow_db, tmp_path):
+    database = tmp_path / "mlflow.db"
+    with stage_run("datagen", params={}):
+        pass
+    with open(database, "r+b") as f:  # overwrite the header and the first pages: a real corruption
+        f.write(os.urandom(8192))
+    assert "corrupt" in store_problem() and str(database) in store_problem()
+    with pytest.raises(TrackingStoreError) as raised, stage_run("couple", params={}):
+        pass
+    message = str(raised.value)
+    assert str(database) in message and "is corrupt" in message and f"mv {database} {database}.broken" in message
+    # the fix the message names: move it aside, and the next stage starts a fresh database
+    database.rename(database.with_name("mlflow.db.broken"))
+    assert store_problem() is None
+    (tmp_path / "notes.txt").write_text("fresh")
+    _stage_in(tmp_path, LOGGING_STAGE)  # the next stage, its own process as under DVC
+    assert store_problem() is None and database.is_file()
+
+
+# a stage (its own process, as under DVC) that logs notes.txt as an artifact and prints its run id
+LOGGING_STAGE = """
+import mlflow
+from personaspace.tracking import stage_run
+with stage_run("report", params={}) as run:
+    mlflow.log_artifact("notes.txt")
+print(run.info.run_id)
+"""
+
+
+def _stage_in(repo, code: str) -> str:
+    """Run ``code`` as a stage of the DVC repo ``repo`` (cwd and DVC_ROOT there); its last line of output."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env={**env, "DVC_ROOT": str(repo)},
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_copied_repo_logs_artifacts_beside_its_own_database(tmp_path):
+    import mlflow
+
+    original, copy = tmp_path / "repo", tmp_path / "copy"
+    original.mkdir()
+    (original / "notes.txt").write_text("first")
+    first = _stage_in(original, LOGGING_STAGE)
+    shutil.copytree(original, copy)
+    (copy / "notes.txt").write_text("second")
+    second = _stage_in(copy, LOGGING_STAGE)
+    client = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    # the copy's runs, new and old, read and write its own mlruns; the original's artifacts are untouched
+    for run_id, text in ((second, "second"), (first, "first")):
+        uri = client.get_run(run_id).info.artifact_uri
+        assert uri.startswith(str(copy.resolve() / "mlruns")), uri
+        assert (Path(uri) / "notes.txt").read_text() == text
+    assert [p.read_text() for p in (original / "mlruns").rglob("notes.txt")] == ["first"]
+    original_db = mlflow.MlflowClient(f"sqlite:///{original / 'mlflow.db'}")
+    assert original_db.get_run(first).info.artifact_uri.startswith(str(original.resolve() / "mlruns"))

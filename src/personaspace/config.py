@@ -16,14 +16,30 @@ import re
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.functional_validators import AfterValidator
 
 from personaspace.personas import PANEL_SIZES, Catalog, CatalogError, load_catalog
 
 ID_PATTERN = re.compile(r"[a-z0-9_]+")  # condition, recipe and base names: stage names and folder names
+# Every seed reaches numpy's legacy RandomState (scikit-learn's random_state, transformers' set_seed),
+# which takes 0..2**32-1 only; numpy's default_rng refuses negatives; torch.manual_seed takes this range too
+SEED_MAX = 2**32 - 1
+
+
+def _seed_in_range(value: int) -> int:
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(
+            f"{value} is outside 0..{SEED_MAX}, the seeds numpy's RandomState (scikit-learn, transformers' set_seed), "
+            "default_rng and torch.manual_seed all take; pick one in that range"
+        )
+    return value
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
 
 
 class ParamsError(ValueError):
@@ -50,7 +66,7 @@ class ModelSpec(_Strict):
     architecture: dict[str, int | float] = Field(
         default_factory=dict, description="random_init: LlamaConfig fields (sizes, initializer_range)"
     )
-    seed: int = Field(0, description="random_init: weight-initialisation seed")
+    seed: Seed = Field(0, description="random_init: weight-initialisation seed")
 
     @model_validator(mode="after")
     def _fields_for_source(self) -> ModelSpec:
@@ -196,7 +212,7 @@ class RecipeParams(_Strict):
 class CoupleParams(_Strict):
     """Coupling seeds: one adapter per (condition, recipe, source, seed); the recipes are the study's."""
 
-    seeds: list[int] = Field(min_length=1, description="training seeds; one adapter per seed")
+    seeds: list[Seed] = Field(min_length=1, description="training seeds; one adapter per seed (0..2**32-1)")
 
 
 class PretrainDataset(_Strict):
@@ -222,7 +238,7 @@ class PretrainParams(_Strict):
 
     dataset: PretrainDataset
     recipe: str = Field(description="a key of `recipes` (its loss must be `completion`)")
-    seed: int = Field(0, description="training seed")
+    seed: Seed = Field(0, description="training seed (0..2**32-1)")
 
 
 class ConditionSpec(_Strict):
@@ -472,7 +488,7 @@ class Params(_Strict):
         alias="_composed",
         description="written by composition: the digest that catches hand edits (params_guard reports a missing one)",
     )
-    seed: int = Field(description="study seed; every random choice derives its seed from it and stable ids")
+    seed: Seed = Field(description="study seed (0..2**32-1); every random choice derives its seed from it")
     personas: int = Field(description="panel size: 12, 24 or 48")
     panel_key: str = Field(alias="_panel_key", description="n<personas>; Hydra composes `panel` from it")
     panels: dict[str, list[str]] = Field(description="the catalog's nested panels (conf/panels.yaml)")

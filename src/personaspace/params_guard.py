@@ -40,7 +40,24 @@ def _composed_digest(*, _root_: Any) -> str:
 
     plain = OmegaConf.to_container(_root_, resolve=False)
     plain.pop(KEY, None)
+    panel_size_error(plain)
     return params_digest(yaml.safe_load(OmegaConf.to_yaml(OmegaConf.create(plain), resolve=True)))
+
+
+def panel_size_error(config: Mapping[str, Any]) -> None:
+    """Raise ValueError naming ``personas`` and the sizes conf/panels.yaml has, when it has none of that size.
+
+    The resolver runs before ``panel: ${panels.${_panel_key}}`` resolves, which would otherwise fail with
+    "Interpolation key 'panels.n13' not found".
+    """
+    personas, panels = config.get("personas"), config.get("panels")
+    if not isinstance(panels, Mapping) or f"n{personas}" in panels:
+        return
+    sizes = sorted(int(k[1:]) for k in panels if str(k).startswith("n") and str(k)[1:].isdigit())
+    raise ValueError(
+        f"personas: {personas!r} is not a panel size; use one of {', '.join(map(str, sizes))} "
+        "(the nested panels of data/personas.yaml, conf/panels.yaml), e.g. `-S personas=24`"
+    )
 
 
 def register_resolver() -> None:

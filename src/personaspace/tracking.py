@@ -21,6 +21,13 @@ The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///$DVC_ROOT
 path there would make a throwaway database), else ``sqlite:///<cwd>/mlflow.db``.
 A bare artifact folder cannot be registered, so an adapter is logged as a pyfunc model whose
 artifact is the adapter folder; loading it back gives the folder, which peft loads on the base.
+
+Artifacts live beside a SQLite database, in ``<database folder>/mlruns``. MLflow stores them as
+absolute paths, so a moved or copied repository would log to (and read from) the old place: on
+opening, paths under another folder's ``mlruns`` are rewritten to this database's (``_relocate``).
+A database that cannot be opened (locked by another process, corrupt, an old schema) stops the
+stage with ``TrackingStoreError``, naming the file and the fix; ``store_problem`` runs the same
+check in the ``check`` stage, before DVC deletes any stage's outputs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -168,14 +176,133 @@ def parent_run_name(command: str) -> str:
 
 
 def _experiment(client: Any) -> str:
-    """The project's experiment id, created marked as model training (see EXPERIMENT_KIND)."""
+    """The project's experiment id, created marked as model training (see EXPERIMENT_KIND), artifacts beside the DB."""
     import mlflow
 
     experiment_id = mlflow.set_experiment(EXPERIMENT).experiment_id
+    experiment = client.get_experiment(experiment_id)
+    database = sqlite_path(mlflow.get_tracking_uri())
+    if database is not None:
+        _relocate(database, experiment.artifact_location, experiment_id)
     key, kind = EXPERIMENT_KIND
-    if client.get_experiment(experiment_id).tags.get(key) != kind:
+    if experiment.tags.get(key) != kind:
         client.set_experiment_tag(experiment_id, key, kind)
     return experiment_id
+
+
+# (table, column) where MLflow 3 stores local artifact paths
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                     ("model_versions", "source"))  # fmt: skip
+
+
+def artifact_root(database: Path) -> Path:
+    """Where the artifacts of a SQLite tracking database live: ``mlruns`` beside it."""
+    return database.resolve().parent / "mlruns"
+
+
+def _relocate(database: Path, location: str, experiment_id: str) -> None:
+    """Point the stored artifact paths at ``artifact_root(database)`` when they name another folder's ``mlruns``.
+
+    MLflow records ``<cwd>/mlruns/<id>`` at creation (a queued experiment's cwd is a temporary copy) and
+    every run's and model's path below it; after a move or copy of the repository they name the old
+    place. Only plain local paths of that layout are rewritten, in one transaction; others are left alone.
+    """
+    old = Path(location)
+    new_root = artifact_root(database)
+    if "://" in location or not old.is_absolute() or old.name != experiment_id or old.parent.name != "mlruns":
+        return
+    if old.parent == new_root:
+        return
+    old_root, root = str(old.parent), str(new_root)
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection, connection:
+        for table, column in _ARTIFACT_COLUMNS:
+            columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+            if column in columns:
+                connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                    (root, len(old_root) + 1, old_root, len(old_root) + 1, old_root + "/"),
+                )
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow tracking database cannot be opened; the message names the file and the fix."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0])
+
+
+def store_message(uri: str, error: BaseException) -> str:
+    """What went wrong opening the tracking store ``uri`` and how to fix it."""
+    database = sqlite_path(uri)
+    where = str(database) if database is not None else uri
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    if "locked" in text or "busy" in text:
+        return (
+            f"MLflow database {where} is locked by another process ({text}): a stage of another `dvc repro`, "
+            "`personaspace ui` / `mlflow server` during a write, or a sqlite3 shell inside a transaction. "
+            f"Wait for it to finish or stop it (`fuser {where}` lists the processes holding it), then rerun."
+        )
+    if any(word in text for word in ("not a database", "malformed", "disk image", "corrupt")):
+        return (
+            f"MLflow database {where} is corrupt ({text}). Move it aside (`mv {where} {where}.broken`): the next "
+            f"stage starts a fresh one (its runs stay in the moved file; `sqlite3 {where}.broken .recover | "
+            f"sqlite3 {where}` may rescue them), then rerun."
+        )
+    if "schema" in text or "upgrade" in text:
+        return f"MLflow database {where} has an older schema ({text}); run `mlflow db upgrade {uri}`, then rerun."
+    return (
+        f"MLflow cannot open its tracking store {where} ({text}); check that the file and its folder are "
+        "readable and writable, or set MLFLOW_TRACKING_URI to another store, then rerun."
+    )
+
+
+def store_problem(uri: str | None = None, timeout_s: float = 2.0) -> str | None:
+    """None if the tracking database opens, reads whole and takes a write now; else ``store_message``'s text.
+
+    Quick (a SQLite ``quick_check`` and an empty write transaction, waiting at most ``timeout_s`` for a
+    lock); only SQLite stores are checked, a server store is not contacted. A missing file is fine: the
+    first stage creates it.
+    """
+    uri = uri or tracking_uri()
+    database = sqlite_path(uri)
+    if database is None or not database.exists():
+        return None
+    try:
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=rw", uri=True, timeout=timeout_s,
+                                     isolation_level=None)  # fmt: skip
+        with contextlib.closing(connection):
+            found = [row[0] for row in connection.execute("PRAGMA quick_check")]
+            if found != ["ok"]:
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(found[:3])}")
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        return store_message(uri, exc)
+    return None
+
+
+@contextmanager
+def _store_errors(uri: str) -> Iterator[None]:
+    """Errors opening the tracking store as one ``TrackingStoreError`` naming the database and the fix."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (sqlite3.Error, SQLAlchemyError, MlflowException) as exc:
+        if (
+            isinstance(exc, MlflowException)
+            and not isinstance(exc.__cause__ or exc.__context__, sqlite3.Error | SQLAlchemyError)
+            and "schema" not in str(exc)
+        ):
+            raise
+        raise TrackingStoreError(store_message(uri, exc)) from None
 
 
 def _end_dead_runs(client: Any, experiment_id: str) -> None:
@@ -262,11 +389,13 @@ def stage_run(
     import psutil
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    experiment_id = _experiment(client)
-    _end_dead_runs(client, experiment_id)
-    parent = _parent_run_id(client, experiment_id)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with _store_errors(uri):
+        client = MlflowClient()
+        experiment_id = _experiment(client)
+        _end_dead_runs(client, experiment_id)
+        parent = _parent_run_id(client, experiment_id)
     if client.get_run(parent).info.status != "FAILED":  # a failed invocation stays failed, even while it goes on
         client.update_run(parent, status="RUNNING")
     identity = {"personaspace_process": _identity(psutil.Process()), "personaspace_host": socket.gethostname()}
