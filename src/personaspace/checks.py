@@ -320,8 +320,8 @@ class Projection:
             f"projected duration on this CPU: about {_duration(self.hours * 3600)} for the whole study from scratch "
             f"({parts}; stages DVC has cached do not rerun). Basis: the default study's stage times on a 2-core CPU "
             "(benchmarks/results/default_study_cpu.json), each stage scaled by its token budget (completions x "
-            "max_new_tokens; training rows x epochs x datagen.max_new_tokens); answers that fill more of their "
-            f"budget than laptop's one-sentence ones take longer{size}"
+            "max_new_tokens; training rows x epochs x datagen.max_new_tokens), so answers are assumed to fill "
+            f"their budget as laptop's do: rough, within a few times where they run otherwise{size}"
         )
 
 
