@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from personaspace.checks import ModelFacts, model_errors
+from personaspace.checks import ModelFacts, check_stage, model_errors
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path
 from personaspace.models import load_tokenizer, materialise
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(params, needs=("tracking",))  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     spec = params.model_spec
     tokenizer_source = params.models.get(spec.tokenizer_from or "")
     start = time.perf_counter()

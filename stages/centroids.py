@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from personaspace.checks import check_stage
 from personaspace.completions import sample_persona_completions, system_message
 from personaspace.config import Params, ParamsError, load_params
 from personaspace.distributed import finish, launch
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(
+        params, needs=("device", "tracking")
+    )  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     catalog = load_catalog()
     ranks = launch(params.parallel.processes, params.generation.device)  # batches dealt to the GPUs
     model, tokenizer = load_model(args.model, device=ranks.device(params.generation.device),

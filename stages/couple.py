@@ -24,19 +24,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from personaspace.checks import check_stage
 from personaspace.config import Params, ParamsError, load_params
 from personaspace.distributed import finish, launch, output_path
 from personaspace.fingerprints import record_fingerprint
 from personaspace.io import json_text
 from personaspace.models import load_tokenizer
 from personaspace.steering import SteeringVectors, TrainingSteering
+from personaspace.study import registered_name
 from personaspace.tracking import log_history, register_adapter, stage_run
 from personaspace.train import tokenize_marker_dataset, train_adapter
-
-
-def registered_name(condition: str, recipe: str, source: str, dataset: str, arm: str | None = None) -> str:
-    """The model-registry name of a coupling adapter (one version per seed, aliased seed<N>)."""
-    return f"couple-{condition}-{recipe}-{source}-{dataset}" + (f"-{arm}" if arm else "")
 
 
 def arm_steering(params: Params, arm: str, folder: Path) -> tuple[TrainingSteering, str | None]:
@@ -71,6 +68,9 @@ def main() -> None:
     parser.add_argument("--steering", type=Path, default=None, help="S4: the condition's steering stage output")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(
+        params, needs=("device", "tracking")
+    )  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     if args.recipe not in params.recipes:
         raise ParamsError(f"--recipe {args.recipe!r} is not a key of recipes ({sorted(params.recipes)})")
     ranks = launch(params.parallel.processes, params.generation.device)  # data parallel over the GPUs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from personaspace.checks import check_stage
 from personaspace.completions import sample_persona_completions
 from personaspace.config import Params, load_params
 from personaspace.distributed import Ranks, finish, launch
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(
+        params, needs=("device", "backend", "tracking")
+    )  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     catalog = load_catalog()
     catalog.persona(args.persona)
     dg = params.datagen

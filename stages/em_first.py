@@ -19,6 +19,7 @@ import pandas as pd
 
 from personaspace import plots
 from personaspace.analyses.em_first import analyze_em_first, counts_from_completions
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.io import write_json
 from personaspace.tracking import log_to_parent, stage_run
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True, help="figures (PNG and PDF)")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(params, needs=("tracking",))  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     if "em_first" not in params.study.analyses:
         raise ParamsError(f"study {params.study.name!r} does not run the em_first analysis (study.analyses)")
     missing = [str(folder) for folder in args.evals if not (folder / "completions.parquet").is_file()]

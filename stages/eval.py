@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.distributed import finish, launch
 from personaspace.evaluation import (
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--timings", type=Path, default=Path("timings.json"), help="wall times (not DVC-hashed)")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(
+        params, needs=("device", "backend", "tracking")
+    )  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     ev, study = params.eval, params.study
     adapters = {
         f"{recipe}/{source}/seed{seed}": (source, seed, args.adapters / recipe / source / f"seed{seed}")

@@ -22,6 +22,7 @@ import pandas as pd
 
 from personaspace import plots
 from personaspace.analyses.joint_probe import analyze_joint_probe, counts_from_completions, load_states, summary_line
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.io import write_json
 from personaspace.tracking import log_to_parent, stage_run
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True, help="figures (PNG and PDF)")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(params, needs=("tracking",))  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     study = params.study
     if "joint_probe" not in study.analyses or study.joint_probe is None:
         raise ParamsError(f"study {study.name!r} does not run the joint_probe analysis (study.analyses)")

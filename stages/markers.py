@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path, write_json
 from personaspace.marker_datasets import MarkerDatasetSpec, build_marker_dataset
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="a model folder: its tokenizer counts cut texts (truncate)")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(params, needs=("tracking",))  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     dg = params.datagen
     count_tokens = None
     if dg.length_matching.method == "truncate":

@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.distributed import finish, launch, output_path
 from personaspace.fingerprints import record_fingerprint
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(
+        params, needs=("device", "tracking")
+    )  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     if args.base not in params.pretrain:
         raise ParamsError(f"--base {args.base!r} is not a key of pretrain ({sorted(params.pretrain)})")
     start = time.perf_counter()

@@ -22,6 +22,7 @@ import pandas as pd
 
 from personaspace import plots
 from personaspace.assemble import cosine_grid, rate_grid, regression_table, undefined_layers
+from personaspace.checks import check_stage
 from personaspace.config import load_params
 from personaspace.io import atomic_path, json_text, write_json
 from personaspace.models import load_tokenizer
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True, help="folder for the PNG figures")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(params, needs=("tracking",))  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     tokenizer = load_tokenizer(args.tokenizer)
     rates = pd.read_parquet(args.eval / "rates.parquet")
     cosines = pd.read_parquet(args.centroids / "cosines.parquet")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path
 from personaspace.report import ReportInputs, compose, metrics_files
@@ -46,7 +47,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="reports/<study>")
     args = parser.parse_args()
-    load_params(args.params)  # validates; the report reads the params as plain data
+    check_stage(load_params(args.params), needs=("tracking",))  # validates; the report reads the params as plain data
     params = yaml.safe_load(args.params.read_text())
     root = Path.cwd()
     files = metrics_files(params)

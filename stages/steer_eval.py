@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from personaspace.analyses.train_steering import counts_from_completions
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.evaluation import CellStore, evaluate_jobs
 from personaspace.fingerprints import fingerprint_dir
@@ -47,6 +48,9 @@ def main() -> None:
     parser.add_argument("--timings", type=Path, default=Path("timings.json"), help="wall times (not DVC-hashed)")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(
+        params, needs=("device", "tracking")
+    )  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     study, ev, gen = params.study, params.eval, params.generation
     try:
         cfg = check_train_steering(study, params.seed)

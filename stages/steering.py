@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path, json_text
 from personaspace.models import load_model
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(
+        params, needs=("device", "tracking")
+    )  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     try:
         cfg = check_train_steering(params.study, params.seed)
     except StudyError as exc:

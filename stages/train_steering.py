@@ -20,6 +20,7 @@ import pandas as pd
 
 from personaspace import plots
 from personaspace.analyses.train_steering import analyze_train_steering, summary_line
+from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.io import write_json
 from personaspace.tracking import log_to_parent, stage_run
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, required=True, help="figures (PNG and PDF)")
     args = parser.parse_args()
     params = load_params(args.params)
+    check_stage(params, needs=("tracking",))  # a stage run alone (`dvc repro -s`) fails here, naming the key and fix
     cfg = params.study.train_steering
     if "train_steering" not in params.study.analyses or cfg is None:
         raise ParamsError(f"study {params.study.name!r} does not run the train_steering analysis (study.analyses)")

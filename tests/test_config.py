@@ -123,7 +123,7 @@ def _regraph(raw: dict) -> dict:
     """The raw params with `graph` recomposed from the (edited) study, as composition would write it."""
     from personaspace.study import stage_graph
 
-    raw["graph"] = stage_graph(raw["study"], raw["pretrain"], raw["couple"]["seeds"], raw["seed"])
+    raw["graph"] = stage_graph(raw)
     return raw
 
 

@@ -128,6 +128,26 @@ def test_the_em_first_study_is_a_preset_of_the_same_pipeline(second_repo):
 
 
 @pytest.mark.slow
+def test_the_way_back_from_em_first_recomputes_and_deletes_nothing(second_repo):
+    """The README's way back (compose the committed study, `dvc repro`): the panel's items come back from
+    dvc.lock and the run cache, and em_first's outputs stay where they are (studies write apart)."""
+    kept = ["data/markers", "models/adapters", "data/centroids", "data/eval/em_first", "metrics/em_first",
+            "reports/em_first", "models/em"]  # fmt: skip
+    before = _files(second_repo, kept)
+    _run([sys.executable, "-m", "personaspace.cli", "params"], second_repo)  # the panel, as committed
+    ds = _ds(second_repo)
+    targets = [
+        f"markers@base-{ds}",
+        "centroids@panel-raw",
+        "couple@base-smol-librarian-0",
+        "couple@base-smol-villain-0",
+    ]
+    output = _run(["dvc", "repro", *targets], second_repo)
+    assert _ran(output) <= {"check"}, _ran(output)  # couple@base-smol-librarian-0: from the run cache
+    assert _files(second_repo, kept) == before
+
+
+@pytest.mark.slow
 def test_the_joint_probe_study_runs_end_to_end(second_repo):
     _run([sys.executable, "-m", "personaspace.cli", "params", "study=joint_probe"], second_repo)
     output = _run(["dvc", "repro"], second_repo)

@@ -63,6 +63,10 @@ def model_facts(params: Params, raw_dir: Path | None = None) -> ModelFacts | Non
         info = json.loads((raw_dir / MATERIALISED_INFO).read_text())
         if info.get("spec") == spec.model_dump():
             return ModelFacts(int(info["num_hidden_layers"]), load_tokenizer(raw_dir))
+    if spec.source == "random_init" and spec.tokenizer is not None:  # built offline (Qwen2.5's ids)
+        from personaspace.models import offline_tokenizer
+
+        return ModelFacts(int(spec.architecture["num_hidden_layers"]), offline_tokenizer(spec.tokenizer))
     if spec.source == "random_init":
         source = params.models[spec.tokenizer_from or ""]
         facts = _source_facts(source, embedded_package_dir, AutoConfig, AutoTokenizer)

@@ -370,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(text)
     elif args.command == "params":
         from dvc.exceptions import DvcException
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
 
         try:
             compose_params(args.out, args.overrides)
-        except DvcException as exc:
+        except (DvcException, HydraException, OmegaConfBaseException) as exc:  # a refused or unknown override
             print(exc, file=sys.stderr)
             return 2
     elif args.command == "regress":

@@ -67,11 +67,20 @@ class ModelSpec(_Strict):
         default_factory=dict, description="random_init: LlamaConfig fields (sizes, initializer_range)"
     )
     seed: Seed = Field(0, description="random_init: weight-initialisation seed")
+    model_type: Literal["llama", "qwen2"] = Field("llama", description="random_init: the architecture's family")
+    tokenizer: Literal["qwen2_offline"] | None = Field(
+        None, description="random_init: a tokenizer built offline (Qwen2.5's ids) instead of tokenizer_from's"
+    )
+    lm_head_scale: float | None = Field(
+        None, gt=0, description="random_init: head rows scaled (special tokens zeroed) for trained-like sampling"
+    )
 
     @model_validator(mode="after")
     def _fields_for_source(self) -> ModelSpec:
-        needed = {"embedded": ("package", "gguf_file"), "hub": ("repo_id",), "random_init": ("tokenizer_from",)}
+        needed = {"embedded": ("package", "gguf_file"), "hub": ("repo_id",), "random_init": ()}
         missing = [name for name in needed[self.source] if getattr(self, name) is None]
+        if self.source == "random_init" and (self.tokenizer_from is None) == (self.tokenizer is None):
+            missing.append("exactly one of tokenizer_from and tokenizer")
         if missing:
             raise ValueError(f"a {self.source} model needs {', '.join(missing)}")
         return self
@@ -449,29 +458,37 @@ class StatsParams(_Strict):
 
 
 class StageGraph(_Strict):
-    """The stage items dvc.yaml loops over, derived from the study by ``personaspace.study.stage_graph``."""
+    """The stage items dvc.yaml loops over, derived from the study by ``personaspace.study.stage_graph``.
+
+    Per-condition items of a study are keyed ``<study>-<condition>``; ``dataset`` is the marker
+    datasets' id (``personaspace.study.dataset_id``), which names marker and adapter paths.
+    """
 
     pretrain: dict[str, dict[str, str]] = Field(description="pretrained base -> its recipe")
     datagen: dict[str, dict[str, str]] = Field(description="<data condition>-<persona> -> condition, model, persona")
-    markers: list[str] = Field(description="data conditions: one marker-dataset stage each")
-    couple: dict[str, dict[str, str | int]] = Field(
-        description="<condition>-<recipe>-<source>-<seed> -> the adapter's ids"
+    markers: dict[str, dict[str, str]] = Field(
+        description="<data condition>-<dataset> -> one marker-dataset stage each"
     )
-    eval: dict[str, dict[str, str]] = Field(description="condition -> its pretrained base")
-    centroids: list[str] = Field(description="pretrained bases whose centroids an analysis reads")
-    regress: dict[str, dict[str, str]] = Field(description="condition -> pretrained base, for the panel analysis")
-    em_first: dict[str, dict[str, list[str]]] = Field(description="the S2 analysis item, when the study runs it")
+    couple: dict[str, dict[str, str | int]] = Field(
+        description="<condition>-<recipe>-<source>-<seed> -> the adapter's ids and dataset"
+    )
+    eval: dict[str, dict[str, str]] = Field(description="<study>-<condition> -> condition, base, data, dataset")
+    centroids: dict[str, dict[str, str]] = Field(
+        description="<study>-<base> -> a base whose centroids an analysis reads"
+    )
+    regress: dict[str, dict[str, str]] = Field(description="<study>-<condition>, for the panel analysis")
+    em_first: dict[str, dict[str, str | list[str]]] = Field(description="the S2 analysis item, when the study runs it")
     couple_steered: dict[str, dict[str, str | int]] = Field(
         default_factory=dict, description="S4: <condition>-<recipe>-<source>-<seed>-<arm> -> the arm's training item"
     )
     steering: dict[str, dict[str, str]] = Field(
-        default_factory=dict, description="S4: condition -> its base and data: steering vectors and coefficients"
+        default_factory=dict, description="S4: <study>-<condition> -> steering vectors and coefficients"
     )
-    steer_eval: dict[str, dict[str, str]] = Field(default_factory=dict, description="S4: condition -> its base")
-    train_steering: dict[str, dict[str, list[str]]] = Field(
+    steer_eval: dict[str, dict[str, str]] = Field(default_factory=dict, description="S4: <study>-<condition>")
+    train_steering: dict[str, dict[str, str | list[str]]] = Field(
         default_factory=dict, description="the S4 analysis item, when the study runs it"
     )
-    joint_probe: dict[str, dict[str, list[str]]] = Field(
+    joint_probe: dict[str, dict[str, str | list[str]]] = Field(
         default_factory=dict, description="the S3 analysis item, when the study runs it"
     )
     report: dict[str, dict[str, str]] = Field(
@@ -565,7 +582,7 @@ def _cross_check_errors(p: Params, catalog: Catalog) -> list[str]:
     if p.model not in p.models:
         errors.append(f"model: {p.model!r} is not a key of models ({sorted(p.models)}); add it there or fix the name")
     for name, spec in p.models.items():
-        if spec.source == "random_init" and spec.tokenizer_from not in p.models:
+        if spec.source == "random_init" and spec.tokenizer_from is not None and spec.tokenizer_from not in p.models:
             errors.append(f"models.{name}.tokenizer_from: {spec.tokenizer_from!r} is not a key of models")
     if p.model in p.models and p.model_spec.source == "embedded":
         from personaspace.models import ModelError, embedded_package_dir
@@ -698,9 +715,7 @@ def _study_errors(p: Params, names: Callable[[str, list[str]], None]) -> list[st
     if layers is not None and (not layers or layers != sorted(set(layers)) or layers[0] < 0):
         errors.append(f"probes.layers: {layers} must be distinct hidden-state indices >= 0 in increasing order")
     if not errors:
-        expected = stage_graph(
-            st.model_dump(), {k: v.model_dump() for k, v in p.pretrain.items()}, p.couple.seeds, p.seed
-        )
+        expected = stage_graph(p.model_dump(by_alias=True))
         if p.graph.model_dump() != expected:
             errors.append(
                 "graph: does not match the study (it is composed, never edited): restore params.yaml "

@@ -235,6 +235,12 @@ def dataset_id(config: Mapping[str, Any]) -> str:
     return "ds" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def registered_name(condition: str, recipe: str, source: str, dataset: str, arm: str | None = None) -> str:
+    """The model-registry name of a coupling adapter (one version per seed, aliased seed<N>): a couple item's
+    ``couple-<condition>-<recipe>-<source>-<dataset>`` (S4's steered arms add ``-<arm>``)."""
+    return f"couple-{condition}-{recipe}-{source}-{dataset}" + (f"-{arm}" if arm else "")
+
+
 def stage_graph(config: Mapping[str, Any]) -> dict[str, Any]:
     """The stage items of a composed config's study (plain data: written into params.yaml for dvc.yaml's loops).
 
