@@ -113,11 +113,13 @@ def test_params_are_checked_strictly_without_coercion(raw_params, edit, message)
 
 def test_values_that_cannot_work_with_the_model_are_refused(raw_params, tiny_model_dir):
     from personaspace.models import load_tokenizer
+    from personaspace.study import stage_graph
 
     facts = ModelFacts(num_hidden_layers=2, tokenizer=load_tokenizer(tiny_model_dir))
     raw_params["regress"]["primary_layer"] = 15
     raw_params["eval"]["max_new_tokens"] = 3
     raw_params["datagen"]["max_new_tokens"] = 1
+    raw_params["graph"] = stage_graph(raw_params)  # the marker data's id follows datagen, as composition writes it
     errors = model_errors(validate_params(raw_params), facts)
     assert any(e.startswith("regress.primary_layer: 15 is beyond the model's 2 blocks") for e in errors)
     assert any(e.startswith("eval.max_new_tokens: 3 is shorter than the marker itself (6 tokens") for e in errors)

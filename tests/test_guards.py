@@ -184,3 +184,36 @@ def test_dvc_exp_run_with_an_unknown_panel_size_lists_the_sizes(composed_repo): 
     assert result.returncode != 0
     assert "personas: 13 is not a panel size; use one of 12, 24, 48" in result.stderr + result.stdout
     assert yaml.safe_load((composed_repo / "params.yaml").read_text()) == yaml.safe_load(before)
+
+
+def test_a_dvc_exp_run_beside_a_running_repro_leaves_params_yaml_alone(composed_repo):  # noqa: F811
+    """A `dvc exp run -S` started while a `dvc repro` runs a stage (DVC then releases its repository lock and
+    holds the stage's outputs in its rwlock file) rewrote params.yaml under it before DVC found the repository
+    busy; the repro's later stages then ran with the other params. The composition guard refuses first."""
+    import os
+    import subprocess
+    import time
+
+    (composed_repo / "dvc.yaml").write_text(
+        'stages:\n  slow:\n    cmd: python -c "import time; time.sleep(60)" && echo done > slow.txt\n'
+        "    params: [seed]\n    outs: [slow.txt]\n"
+    )
+    before = (composed_repo / "params.yaml").read_bytes()
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    repro = subprocess.Popen(["dvc", "repro"], cwd=composed_repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        rwlock = composed_repo / ".dvc" / "tmp" / "rwlock"
+        for _ in range(600):  # the stage's command runs once DVC has write-locked its outputs
+            if rwlock.is_file() and rwlock.read_text().strip() and json.loads(rwlock.read_text()).get("write"):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the dvc repro never started its stage")
+        result = _run(["dvc", "exp", "run", "-S", "stats.alpha=0.01"], composed_repo)
+    finally:
+        repro.kill()
+        repro.wait()
+    assert result.returncode != 0
+    assert "another DVC command is running here" in result.stdout + result.stderr, result.stdout + result.stderr
+    assert (composed_repo / "params.yaml").read_bytes() == before

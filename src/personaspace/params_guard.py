@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -124,10 +125,59 @@ def hand_edit_report(path: Path | str) -> str | None:
     return "\n".join(lines)
 
 
+def busy_report(repo: Path) -> str | None:
+    """Why params.yaml must not be rewritten now: another DVC command holds the repository's lock.
+
+    A `dvc repro` reads params.yaml anew at every stage; a `dvc exp run -S ...` started beside it
+    would rewrite the file before DVC itself finds the repository busy, and the running repro's later
+    stages would run (and be recorded in dvc.lock) with the other command's params.
+    """
+    import zc.lockfile
+
+    lockfile = repo / ".dvc" / "tmp" / "lock"
+    if not lockfile.parent.is_dir():
+        return None
+    # while a stage's command runs, DVC releases the repository lock and holds its outputs in the rwlock file
+    running = _rwlock_holders(repo / ".dvc" / "tmp" / "rwlock")
+    if running:
+        return (
+            f"{repo}: another DVC command is running here ({running[0]}); params.yaml was not rewritten, so that "
+            "run keeps its params. Run this command again when it has finished."
+        )
+    try:
+        lock = zc.lockfile.LockFile(str(lockfile))
+    except zc.lockfile.LockError:
+        holder = lockfile.read_text(errors="replace").strip() if lockfile.is_file() else "?"
+        if holder.split()[:1] == [str(os.getpid())]:  # `dvc exp run` itself holds it while composing
+            return None
+        return (
+            f"{repo}: another DVC command is running here (it holds {lockfile}: {holder}); params.yaml was not "
+            "rewritten, so that run keeps its params. Run this command again when it has finished."
+        )
+    lock.close()
+    return None
+
+
+def _rwlock_holders(path: Path) -> list[str]:
+    """`pid <n>: <command>` of each live process other than this one in DVC's rwlock file."""
+    import psutil
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    entries = list((data.get("write") or {}).values()) + [e for v in (data.get("read") or {}).values() for e in v]
+    return sorted(
+        {f"pid {e['pid']}: {e.get('cmd', '?')}" for e in entries
+         if isinstance(e, dict) and e.get("pid") != os.getpid() and psutil.pid_exists(int(e.get("pid", 0)))}
+    )  # fmt: skip
+
+
 def guard_composition(params_file: Path) -> None:
-    """Register the digest resolver; refuse (DvcException) to compose over a hand-edited ``params_file``."""
+    """Register the digest resolver; refuse (DvcException) to compose over a hand-edited ``params_file``, or
+    while another DVC command runs in its repository (``busy_report``)."""
     register_resolver()
-    report = hand_edit_report(params_file)
+    report = busy_report(params_file.parent) or hand_edit_report(params_file)
     if report is not None:
         from dvc.exceptions import DvcException
 
