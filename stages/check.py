@@ -36,9 +36,14 @@ def main() -> None:
     for note in notes:
         print(f"note: {note}")
     if problems:
-        print(f"{args.params} cannot run; nothing was changed:", file=sys.stderr)
+        print(f"{args.params} cannot run; no stage ran:", file=sys.stderr)
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
+        print(
+            f"{args.params} now holds these params (a `dvc exp run -S ...` composed them before this check): "
+            f"`git restore {args.params}` brings back the committed ones, or compose others with `dvc exp run -S ...`",
+            file=sys.stderr,
+        )
         sys.exit(2)
     write_json(STAMP, args.out)
     print(f"{args.params}: checked")

@@ -408,6 +408,7 @@ def test_bad_params_stop_dvc_repro_at_the_check_stage_before_anything_is_deleted
         ["dvc", "exp", "run", "-S", "regress.primary_layer=15", "-S", f"generation.device={missing}"], tiny_repo
     )
     assert "regress.primary_layer: 15 is beyond the model's 2 blocks" in failure
+    assert "nothing was changed" not in failure and "`git restore params.yaml` brings back" in failure
     assert f"generation.device: {missing!r} does not exist on this machine" in failure
     assert {name: (tiny_repo / name).read_bytes() for name in outputs} == before
     _run(compose, tiny_repo)  # back to the study's params: only the check (whose stamp DVC removed) reruns
