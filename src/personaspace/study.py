@@ -247,7 +247,12 @@ def stage_graph(config: Mapping[str, Any]) -> dict[str, Any]:
     Per-item outputs (marker datasets, adapters) live under their dataset id, so studies share them only
     when they are the same; a study's own outputs (eval, centroids, analyses, report) under its name.
     """
-    study, pretrain, seeds, study_seed = config["study"], config.get("pretrain", {}), config["couple"]["seeds"], config["seed"]
+    study, pretrain, seeds, study_seed = (
+        config["study"],
+        config.get("pretrain", {}),
+        config["couple"]["seeds"],
+        config["seed"],
+    )
     name, ds = study["name"], dataset_id(config)
     conditions: Mapping[str, Mapping[str, str]] = study["conditions"]
     bases = sorted({c["pretrained"] for c in conditions.values()} - {RAW})
@@ -279,8 +284,15 @@ def stage_graph(config: Mapping[str, Any]) -> dict[str, Any]:
         },
         "couple_steered": {
             f"{c}-{r}-{s}-{seed}-{arm}": dict(
-                condition=c, model=spec["pretrained"], data=spec["data_from"], recipe=r, source=s, seed=seed, arm=arm,
-                dataset=ds, study=name,
+                condition=c,
+                model=spec["pretrained"],
+                data=spec["data_from"],
+                recipe=r,
+                source=s,
+                seed=seed,
+                arm=arm,
+                dataset=ds,
+                study=name,
             )
             for c, spec in sorted(conditions.items())
             for arm in steered_arms(study)
