@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from .conftest import REPO
 
 
@@ -87,10 +89,23 @@ def test_metric_keys_are_unique_across_metrics_files_so_dvc_exp_show_needs_no_pr
         return keys
 
     seen: dict[str, str] = {}
-    for path in sorted((REPO / "metrics").glob("*.json")):
+    files = sorted((REPO / "metrics").rglob("*.json"))
+    assert files, "no committed metrics files"
+    for path in files:
         for key in flat(json.loads(path.read_text())):
             assert key not in seen, f"{key} is in both {seen[key]} and {path.name}"
             seen[key] = path.name
+
+
+def test_dvc_lock_carries_no_stale_stages():
+    """Every stage in the committed dvc.lock is a stage of the committed pipeline and params (no leftovers
+    of stages renamed or of other studies, which `dvc status` never reports)."""
+    from personaspace.report.card import stage_names
+
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert sorted(set(lock) - set(stage_names(pipeline, params))) == []
 
 
 def test_the_readmes_dvc_exp_show_command_shows_every_column_it_keeps():
