@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 run: setup
 	dvc repro
+	@echo "Done. The report: reports/panel/report.html. In a new shell, enter the environment first:"
+	@echo "  source .venv/bin/activate    # then dvc, personaspace and mlflow work as the README prints them"
 
 # vLLM's CPU build in its own environment (it pins other transformers/numpy versions than the
 # project): the vllm backend's tests sample there and compare with the hf backend (~4 min, 3.5 GB).
