@@ -217,3 +217,12 @@ def test_a_dvc_exp_run_beside_a_running_repro_leaves_params_yaml_alone(composed_
     assert result.returncode != 0
     assert "another DVC command is running here" in result.stdout + result.stderr, result.stdout + result.stderr
     assert (composed_repo / "params.yaml").read_bytes() == before
+
+
+def test_params_without_out_says_it_rewrote_params_yaml(tmp_path, capsys, monkeypatch):
+    """`personaspace params` rewrites params.yaml by default: it says so, what it composed, and how to undo it."""
+    monkeypatch.chdir(REPO)  # conf/ is read from the working directory, as `dvc exp run` does
+    out = tmp_path / "params.yaml"
+    assert cli_main(["params", "study=em_first", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}: study em_first, scale laptop" in said and f"`git restore {out}` undoes it" in said

@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         except (DvcException, HydraException, OmegaConfBaseException) as exc:  # a refused or unknown override
             print(exc, file=sys.stderr)
             return 2
+        written = yaml.safe_load(args.out.read_text())
+        print(f"wrote {args.out}: study {written['study']['name']}, scale {written['scale']}, model {written['model']}, "
+              f"{written['personas']} personas; `git diff {args.out}` shows what changed, `git restore {args.out}` "
+              "undoes it")  # fmt: skip
     elif args.command == "regress":
         return regress_command(args)
     elif args.command == "analyze":
