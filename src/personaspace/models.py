@@ -103,7 +103,7 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
     tokenizer.save_pretrained(out_dir)
     default_prompt = model_default_system_prompt(tokenizer)
     info = {
-        "spec": spec.model_dump(),
+        "spec": spec_record(spec),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "num_hidden_layers": model.config.num_hidden_layers,
         "hidden_size": model.config.hidden_size,
@@ -230,6 +230,18 @@ def qwen2_offline_tokenizer(tiktoken_file: Path | None = None) -> PreTrainedToke
         if tokenizer(text, add_special_tokens=False)["input_ids"] != expected:
             raise ModelError(f"offline Qwen2 tokenizer: {text!r} is not {expected}; is {tiktoken_file} Qwen's?")
     return tokenizer
+
+
+# ModelSpec fields added after models were first materialised, with their defaults (issue 27)
+_LATER_FIELDS = {"tokenizer": None, "model_type": "llama", "lm_head_scale": None}
+
+
+def spec_record(spec: ModelSpec) -> dict:
+    """The spec as a materialised folder records it (``MATERIALISED_INFO``): later fields only when set.
+
+    So a folder materialised before those fields existed, and its DVC hash, stay byte-identical.
+    """
+    return {k: v for k, v in spec.model_dump().items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
 
 def _load_embedded(spec: ModelSpec):
