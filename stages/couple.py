@@ -31,8 +31,7 @@ from personaspace.fingerprints import record_fingerprint
 from personaspace.io import json_text
 from personaspace.models import load_tokenizer
 from personaspace.steering import SteeringVectors, TrainingSteering
-from personaspace.study import registered_name
-from personaspace.tracking import log_history, register_adapter, stage_run
+from personaspace.tracking import log_history, register_adapter, registered_name, stage_run
 from personaspace.train import tokenize_marker_dataset, train_adapter
 
 

@@ -315,4 +315,5 @@ def test_analyze_joint_probe_refuses_text_in_a_count_column_without_a_traceback(
     swapped = [paths[1].replace("em=", "raw="), paths[0].replace("raw=", "em="), paths[2]]
     _good(study).to_csv(tmp_path / "counts.csv", index=False)
     assert main([*args, "--states", *swapped]) == 2
-    assert "recorded from base" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    error = capsys.readouterr().err  # each states file records its base: the swap is named before any analysis
+    assert "holds the readouts of base 'em', given as base 'raw'" in error and not (tmp_path / "out").exists()

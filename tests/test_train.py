@@ -120,7 +120,7 @@ def test_couple_stage_writes_an_adapter_and_its_training_record(tiny_model_dir, 
     (tmp_path / "runs").mkdir()
     result = subprocess.run(
         [sys.executable, str(REPO / "stages" / "couple.py"), "--params", str(REPO / "params.yaml"), "--recipe", "smol",
-         "--seed", "0", "--model", str(tiny_model_dir), "--condition", "base", "--data", str(data), "--out", str(out)],
+         "--seed", "0", "--model", str(tiny_model_dir), "--condition", "base", "--data", str(data), "--dataset", "dstest", "--out", str(out)],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

@@ -155,7 +155,8 @@ def test_the_analyze_cli_reads_a_count_table(tmp_path, capsys):
     repo = Path(__file__).resolve().parents[1]
     _table().to_csv(tmp_path / "counts.csv", index=False)
     args = ["analyze", "train_steering", "--table", str(tmp_path / "counts.csv"), "--params",
-            str(repo / "params.yaml"), "--study", str(repo / "conf/study/train_steering.yaml")]  # fmt: skip
+            str(repo / "params.yaml"), "--study", str(repo / "conf/study/train_steering.yaml"),
+            "--sources", ",".join(sorted(_table()["persona"].unique()))]  # fmt: skip  # the table's personas
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     assert "c=+2: rho +" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())

@@ -14,10 +14,11 @@ data_from base) trains on C1's completions and nothing is generated twice.
 Paths name what they hold. Marker datasets and adapters are per dataset id (``dataset_id``: the
 negatives, model, datagen settings and marker they were made from): ``data/markers/<data>/<id>/``,
 ``models/adapters/<condition>/<id>/<recipe>/<source>/seed<N>``, registered as
-``couple-<condition>-<recipe>-<source>-<id>``. What a study computes from them (eval, centroids,
-steering, analyses, report) lives under the study's name: ``data/eval/<study>/<condition>``,
-``metrics/<study>/``, ``plots/<study>/``, ``figures/<study>/``, ``results/<study>/``. So switching
-studies in one workspace never overwrites another study's outputs.
+``couple-<condition>-<recipe>-<source>-<id>`` (``personaspace.tracking.registered_name``). What a
+study computes from them (eval, centroids, steering, analyses, report) lives under the study's
+name: ``data/eval/<study>/<condition>``, ``metrics/<study>/``, ``plots/<study>/``,
+``figures/<study>/``, ``results/<study>/``. So switching studies in one workspace never overwrites
+another study's outputs.
 """
 
 from __future__ import annotations
@@ -233,12 +234,6 @@ def dataset_id(config: Mapping[str, Any]) -> str:
         **{key: config[key] for key in DATASET_KEYS},
     }  # fmt: skip
     return "ds" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def registered_name(condition: str, recipe: str, source: str, dataset: str, arm: str | None = None) -> str:
-    """The model-registry name of a coupling adapter (one version per seed, aliased seed<N>): a couple item's
-    ``couple-<condition>-<recipe>-<source>-<dataset>`` (S4's steered arms add ``-<arm>``)."""
-    return f"couple-{condition}-{recipe}-{source}-{dataset}" + (f"-{arm}" if arm else "")
 
 
 def stage_graph(config: Mapping[str, Any]) -> dict[str, Any]:

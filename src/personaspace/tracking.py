@@ -475,6 +475,12 @@ def _adapter_model() -> Any:
     return AdapterModel()
 
 
+def registered_name(condition: str, recipe: str, source: str, dataset: str, arm: str | None = None) -> str:
+    """The model-registry name of a coupling adapter (one version per seed, aliased seed<N>): a couple item's
+    ``couple-<condition>-<recipe>-<source>-<dataset>`` (S4's steered arms add ``-<arm>``)."""
+    return f"couple-{condition}-{recipe}-{source}-{dataset}" + (f"-{arm}" if arm else "")
+
+
 def register_adapter(
     adapter_dir: Path, base_model: str, name: str, alias: str, tags: Mapping[str, str] | None = None
 ) -> int:
