@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from scipy import stats
 
 from personaspace.analyses import TableError
@@ -153,10 +154,12 @@ def test_the_analyze_cli_reads_a_count_table(tmp_path, capsys):
     from personaspace.cli import main
 
     repo = Path(__file__).resolve().parents[1]
-    _table().to_csv(tmp_path / "counts.csv", index=False)
+    table = _table()  # its ten personas become the preset's ten sources, the only personas it may hold
+    sources = yaml.safe_load((repo / "conf/study/train_steering.yaml").read_text())["sources"]
+    table["persona"] = table["persona"].map(dict(zip(sorted(table["persona"].unique()), sources, strict=True)))
+    table.to_csv(tmp_path / "counts.csv", index=False)
     args = ["analyze", "train_steering", "--table", str(tmp_path / "counts.csv"), "--params",
-            str(repo / "params.yaml"), "--study", str(repo / "conf/study/train_steering.yaml"),
-            "--sources", ",".join(sorted(_table()["persona"].unique()))]  # fmt: skip  # the table's personas
+            str(repo / "params.yaml"), "--study", str(repo / "conf/study/train_steering.yaml")]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     assert "c=+2: rho +" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())

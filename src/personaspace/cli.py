@@ -12,6 +12,7 @@ personaspace recover-lock                      # dvc.lock cut short by a Ctrl-C:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,9 +45,15 @@ def compose_params(output: Path, overrides: list[str], conf_dir: Path = Path("co
     """
     from dvc.utils.hydra import compose_and_dump
 
+    from personaspace.params_guard import COMPOSE_OUT_ENV
+
     conf_dir = conf_dir.resolve()
-    with atomic_path(output) as tmp:
-        compose_and_dump(tmp, str(conf_dir), None, "config", str(conf_dir.parent), overrides)
+    os.environ[COMPOSE_OUT_ENV] = str(Path(output).resolve())  # read by the composition guard (hydra_plugins/)
+    try:
+        with atomic_path(output) as tmp:
+            compose_and_dump(tmp, str(conf_dir), None, "config", str(conf_dir.parent), overrides)
+    finally:
+        os.environ.pop(COMPOSE_OUT_ENV, None)
 
 
 REGRESS_MANIFEST = ".personaspace-regress.json"  # lists what `regress` wrote into --out; only those it may replace

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 KEY = "_composed"
+COMPOSE_OUT_ENV = "PERSONASPACE_COMPOSE_OUT"  # set by personaspace.cli.compose_params: the file it writes
 RESOLVER = "params_sha256"
 
 
@@ -177,7 +178,10 @@ def guard_composition(params_file: Path) -> None:
     """Register the digest resolver; refuse (DvcException) to compose over a hand-edited ``params_file``, or
     while another DVC command runs in its repository (``busy_report``)."""
     register_resolver()
-    report = busy_report(params_file.parent) or hand_edit_report(params_file)
+    # `personaspace params --out OTHER` leaves params.yaml alone: a running DVC command is no reason to refuse it
+    target = os.environ.get(COMPOSE_OUT_ENV)
+    elsewhere = target is not None and Path(target).resolve() != params_file.resolve()
+    report = (None if elsewhere else busy_report(params_file.parent)) or hand_edit_report(params_file)
     if report is not None:
         from dvc.exceptions import DvcException
 
