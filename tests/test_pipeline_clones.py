@@ -19,6 +19,12 @@ def second_repo(tmp_path_factory) -> Path:
     return _tiny_repo(tmp_path_factory)
 
 
+def _panel_items(repo: Path) -> list[str]:
+    """The panel's items this chain runs: its marker datasets, centroids and two adapters (reused as S4's arm C)."""
+    return [f"markers@base-{_ds(repo)}", "centroids@panel-raw", "couple@base-smol-librarian-0",
+            "couple@base-smol-villain-0"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_two_fresh_clones_give_byte_identical_results(second_repo, tmp_path):
     """Same params, two clones: the same dvc.lock entries and the same bytes (no times, no hash-order
@@ -27,12 +33,7 @@ def test_two_fresh_clones_give_byte_identical_results(second_repo, tmp_path):
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(second_repo), str(clone)], tmp_path)
     ds = _ds(second_repo)
-    targets = [
-        f"markers@base-{ds}",
-        "centroids@panel-raw",
-        "couple@base-smol-librarian-0",
-        "couple@base-smol-villain-0",
-    ]
+    targets = _panel_items(second_repo)
     for repo in (second_repo, clone):
         output = _run(["dvc", "repro", *targets], repo)
         assert len(_ran(output)) == 18  # check, base, 12 datagen, markers, centroids, 2 couple
@@ -135,14 +136,7 @@ def test_the_way_back_from_em_first_recomputes_and_deletes_nothing(second_repo):
             "reports/em_first", "models/em"]  # fmt: skip
     before = _files(second_repo, kept)
     _run([sys.executable, "-m", "personaspace.cli", "params"], second_repo)  # the panel, as committed
-    ds = _ds(second_repo)
-    targets = [
-        f"markers@base-{ds}",
-        "centroids@panel-raw",
-        "couple@base-smol-librarian-0",
-        "couple@base-smol-villain-0",
-    ]
-    output = _run(["dvc", "repro", *targets], second_repo)
+    output = _run(["dvc", "repro", *_panel_items(second_repo)], second_repo)
     assert _ran(output) <= {"check"}, _ran(output)  # couple@base-smol-librarian-0: from the run cache
     assert _files(second_repo, kept) == before
 
