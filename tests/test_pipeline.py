@@ -347,13 +347,15 @@ def test_a_killed_eval_resumes_under_dvc_exp_run_with_its_finished_cells(tiny_re
     cells, so the resumed eval samples only the cells the kill cut short and gives the uninterrupted bytes."""
     cells = tiny_repo / ".cache/cells/eval/base"
     before = _files(tiny_repo, ["data/eval/panel/base"])
+    chunks = {p.name: p.read_bytes() for p in cells.glob("*.parquet")}
     unfinished = sorted(cells.glob("*.parquet"))[0]  # as if the kill came before this adapter's chunk was written
-    missing = len(pd.read_parquet(unfinished))
     unfinished.unlink()
     shutil.rmtree(tiny_repo / "data/eval/panel/base")
+    shutil.rmtree(tiny_repo / ".dvc/cache/runs", ignore_errors=True)  # a killed eval leaves no run-cache entry
     output = _run(["dvc", "exp", "run"], tiny_repo)
-    assert "eval@panel-base" in _ran(output)
-    assert json.loads((tiny_repo / "timings.json").read_text())["eval@panel-base"]["generated_now"] == missing
+    assert "eval@panel-base" in _ran(output), _ran(output)
+    # every finished chunk survived; the one the kill cut short was sampled again, to the same bytes
+    assert {p.name: p.read_bytes() for p in cells.glob("*.parquet")} == chunks
     assert _files(tiny_repo, ["data/eval/panel/base"]) == before
 
 
