@@ -443,8 +443,9 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     )
     regress = json.loads((tiny_repo / "results/panel/base/regress.json").read_text())
     assert regress["n_personas"] == 23 and "inherited_vs_new" in regress["gates"]
-    # repro, forced eval, regress and report, the resumed eval's exp run and the repro back, the growth's exp run
-    _check_mlflow(tiny_repo, couple_runs=24, invocations=7)
+    # repro, forced eval, regress and report, the resumed eval's exp run, the growth's exp run (the repro back
+    # to the study's params after the resumed eval restores every stage from DVC's run cache: no invocation)
+    _check_mlflow(tiny_repo, couple_runs=24, invocations=6)
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:
@@ -499,7 +500,9 @@ def test_the_mlflow_ui_shows_the_study_in_a_real_browser(tiny_repo, tmp_path):
         stage_page = f"{url}/#/experiments/{experiment.experiment_id}/runs/{stage.info.run_id}"
         text = browser.page_text(driver, stage_page, wait_for=["regress@panel-base", "Parameters"])
         driver.save_screenshot(str(tmp_path / "stage_run.png"))
-        text = browser.page_text(driver, f"{url}/#/models/couple-base-smol-librarian", wait_for=["Version 1", "seed0"])
+        text = browser.page_text(
+            driver, f"{url}/#/models/couple-base-smol-librarian-{_ds(tiny_repo)}", wait_for=["Version 1", "seed0"]
+        )
         driver.save_screenshot(str(tmp_path / "model.png"))
     assert all((tmp_path / f"{name}.png").stat().st_size > 10_000 for name in ("runs", "stage_run", "model"))
 
@@ -522,7 +525,10 @@ def test_a_dvc_lock_cut_short_is_recovered_without_retraining_or_resampling(tiny
     assert (tiny_repo / "dvc.lock.broken-1").read_text() == whole[: len(whole) // 3]  # set aside, not deleted
     output = _run(["dvc", "repro"], tiny_repo)
     assert not {s for s in _ran(output) if s.startswith(("datagen@", "couple@", "base"))}, _ran(output)
-    assert json.loads((tiny_repo / "timings.json").read_text())["eval@panel-base"]["generated_now"] == 0
+    # eval comes back from the run cache (timings.json then still holds the growth's run) or, where it runs,
+    # finds every cell in the cell cache
+    if "eval@panel-base" in _ran(output):
+        assert json.loads((tiny_repo / "timings.json").read_text())["eval@panel-base"]["generated_now"] == 0
     assert _files(tiny_repo, results) == before
     assert "up to date" in _run(["dvc", "repro"], tiny_repo)
     assert "nothing to do" in _run([sys.executable, "-m", "personaspace.cli", "recover-lock"], tiny_repo)
