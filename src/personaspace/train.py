@@ -216,15 +216,15 @@ def _trainer_class() -> type:
     return NextTokenLossSFTTrainer
 
 
-def packed_attention(use_gpu: bool) -> str:
-    """The attention a packed (padding-free) batch trains with.
+PACKED_ATTENTION = "sdpa"
+"""The attention a packed (padding-free) batch trains with, on the CPU and the GPU.
 
-    transformers derives the rows' block-diagonal mask from ``position_ids``. On a GPU, flex
-    attention turns it into a block-sparse mask, so a batch of N tokens in rows of n costs about
-    N x n attention, not N^2 (flash-attn, whose varlen kernel would do the same, is not installable
-    on the benchmark GPU). On the CPU, SDPA with the dense mask.
-    """
-    return "flex_attention" if use_gpu else "sdpa"
+transformers derives the rows' block-diagonal mask from ``position_ids``; SDPA applies it densely
+(N^2 attention for N tokens). Flex attention would make it block-sparse (1.14x on the packed A1 batch
+on an H200, benchmarks/results/gpu_7b_h200_train_variants.json), but torch.compile builds its kernels
+in every stage process, and at the Qwen2.5-7B shape on a fresh machine that took minutes before the
+first step (issue 27, docs/gpu.md). ``train_adapter(..., attention="flex_attention")`` opts in.
+"""
 
 
 MEMORY_HEADROOM = 0.15  # of the GPU's memory kept free of the measured peak: optimiser state, fragmentation
@@ -313,7 +313,7 @@ def train_adapter(
 
     Rows are packed into one sequence per step (no padding) and the LM head runs only where the
     next token is labelled, on the CPU and the GPU alike. ``attention`` (default
-    ``packed_attention``) and ``fused_kernels`` (liger-kernel's RMSNorm, RoPE and SwiGLU; off by
+    ``PACKED_ATTENTION``) and ``fused_kernels`` (liger-kernel's RMSNorm, RoPE and SwiGLU; off by
     default: within a few percent either way at the Qwen2.5-7B shape on an H200,
     benchmarks/results/gpu_7b_h200.json) exist for the GPU benchmark; they change speed, not the
     loss beyond rounding. Activations are recomputed in the backward pass only when the recipe says so (``gradient_checkpointing``), or, for
@@ -358,7 +358,7 @@ def train_adapter(
         torch.manual_seed(seed)  # the LoRA's initial weights, the same for either build
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.bfloat16 if use_gpu else torch.float32,
-            attn_implementation=attention or packed_attention(use_gpu),
+            attn_implementation=attention or PACKED_ATTENTION,
         )  # fmt: skip
         config = SFTConfig(
             output_dir=scratch,
