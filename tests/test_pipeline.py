@@ -446,6 +446,15 @@ def test_growing_the_panel_runs_only_the_new_personas_and_keeps_existing_dataset
     # repro, forced eval, regress and report, the resumed eval's exp run, the growth's exp run (the repro back
     # to the study's params after the resumed eval restores every stage from DVC's run cache: no invocation)
     _check_mlflow(tiny_repo, couple_runs=24, invocations=6)
+    # the README's comparison: panel 12 (HEAD) beside panel 24 (the workspace and its experiment), readable
+    table = _run(
+        [sys.executable, "-m", "personaspace.cli", "compare", "--keep", "rate_mean|spearman_rho|gates"], tiny_repo
+    )
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 120, table
+    assert len(lines[1].split()) == 3 and lines[1].split()[0] == "workspace", table  # workspace, HEAD, the experiment
+    personas = next(line.split()[2:] for line in lines if line.startswith("params: personas"))
+    assert personas == ["24", "12", "24"], table
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["panel"] == list(load_catalog().panel(24))
     for persona in old:

@@ -7,6 +7,7 @@ personaspace analyze em_first --table T.csv --out DIR [--baseline B.csv]   # S2'
 personaspace analyze joint_probe --table T.csv --states raw=R.npz em=E.npz benign=B.npz --out DIR   # S3's
 personaspace analyze train_steering --table T.csv --out DIR   # S4's, on rates per (arm, persona, question, mode, coef)
 personaspace recover-lock                      # dvc.lock cut short by a Ctrl-C: set aside, the committed one restored
+personaspace compare [--keep REGEX] [-A | --rev R]   # experiments side by side, one row per metric
 """
 
 from __future__ import annotations
@@ -358,11 +359,26 @@ def main(argv: list[str] | None = None) -> int:
         "recover-lock",
         help="a dvc.lock cut short (Ctrl-C while DVC wrote it): set it aside, restore the committed one",
     )
+    compare = sub.add_parser(
+        "compare", help="the study's metrics of the workspace, HEAD and its experiments side by side, a row each"
+    )
+    compare.add_argument("--keep", help="only rows matching this regular expression (params rows stay)")
+    compare.add_argument("--precision", type=int, default=4, help="significant digits (default 4)")
+    compare.add_argument("--study", help="whose metrics/<study>/ files (default: params.yaml's study)")
+    compare.add_argument("-A", "--all-commits", action="store_true", help="every commit's experiments")
+    compare.add_argument("--rev", action="append", default=[], help="a commit whose experiments to add")
     ui = sub.add_parser("ui", help="the MLflow UI on this project's runs, opening on the runs table")
     ui.add_argument("--port", type=int, default=5000)
     args = parser.parse_args(argv)
     if args.command == "ui":
         return ui_command(args.port)
+    if args.command == "compare":
+        from personaspace.compare import exp_show_json, headline_table
+
+        study = args.study or yaml.safe_load(Path("params.yaml").read_text())["study"]["name"]
+        extra = (["-A"] if args.all_commits else []) + [arg for rev in args.rev for arg in ("--rev", rev)]
+        print(headline_table(exp_show_json(extra), study, keep=args.keep, precision=args.precision))
+        return 0
     if args.command == "recover-lock":
         from personaspace.dvc_lock import recover_lock
 
