@@ -190,6 +190,11 @@ def test_dvc_repro_runs_the_whole_study(tiny_repo):
         ).is_file()
     _check_mlflow(tiny_repo, couple_runs=12, invocations=1)
     _check_report(tiny_repo, "panel")
+    # the TL;DR's n is the sources less the reference persona, and says so
+    assert (
+        "(`helpful_assistant` itself, the centroid every cosine is taken to, is left out of every fit"
+        in (tiny_repo / "reports/panel/report.md").read_text()
+    )
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], tiny_repo)
 
 

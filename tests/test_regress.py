@@ -225,6 +225,54 @@ def test_rate_heatmap_writes_png_and_pdf(tmp_path):
     assert [p.suffix for p in paths] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in paths)
 
 
+def _drawn(monkeypatch, draw) -> list:
+    """The figures ``draw()`` makes, kept open instead of saved."""
+    from personaspace import plots
+
+    figures: list = []
+    monkeypatch.setattr(plots, "_save", lambda fig, stem: figures.append(fig) or [])
+    draw()
+    return figures
+
+
+def test_the_rate_matrix_outlines_each_sources_own_cell(monkeypatch):
+    from matplotlib.patches import Rectangle
+
+    from personaspace.plots import rate_heatmap
+
+    matrix = pd.read_csv(REPO / "tests/fixtures/rate_matrix_12.csv", index_col=0)
+    (fig,) = _drawn(monkeypatch, lambda: rate_heatmap(matrix, Path("unused")))
+    outlined = {
+        (round(r.get_x() + 0.5), round(r.get_y() + 0.5)) for r in fig.axes[0].patches if isinstance(r, Rectangle)
+    }
+    columns = list(matrix.columns)
+    assert outlined == {(columns.index(source), i) for i, source in enumerate(matrix.index)}
+
+
+def test_the_prediction_band_stays_within_the_rates_range(monkeypatch):
+    from personaspace.plots import hero_scatter
+
+    scatter = pd.read_csv(REPO / "plots/panel/base/scatter.csv")
+    assert scatter["pi_high"].max() > 1  # the committed fit's band would rise above a rate of 1
+    (fig,) = _drawn(monkeypatch, lambda: hero_scatter(scatter, Path("unused"), 15, "helpful_assistant"))
+    band = fig.axes[0].collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() >= 0 and band[:, 1].max() <= 1
+
+
+def test_the_scatter_labels_do_not_overlap(monkeypatch):
+    """The committed panel's persona labels, which overlapped when placed beside each point."""
+    from personaspace.plots import hero_scatter
+
+    scatter = pd.read_csv(REPO / "plots/panel/base/scatter.csv")
+    (fig,) = _drawn(monkeypatch, lambda: hero_scatter(scatter, Path("unused"), 15, "helpful_assistant"))
+    renderer = fig.canvas.get_renderer()
+    names = set(scatter["persona"])
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts if t.get_text() in names]
+    assert len(boxes) == len(names)
+    overlapping = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not overlapping
+
+
 # --- refusals and conventions of `personaspace regress` (run through personaspace.cli.main) ---
 
 

@@ -35,12 +35,20 @@ def _save(fig, stem: Path) -> list[Path]:
 def rate_heatmap(
     matrix: pd.DataFrame, stem: Path, title: str = "Fire rate: source adapter x eval persona"
 ) -> list[Path]:
-    """Heatmap of a source x eval-persona rate matrix, values annotated when it is small enough to read."""
+    """Heatmap of a source x eval-persona rate matrix, values annotated when it is small enough to read, each
+    source's own cell (row and column of the same persona: the source rate) outlined."""
+    from matplotlib.patches import Rectangle
+
     fig, ax = plt.subplots(figsize=(0.45 * len(matrix.columns) + 3, 0.45 * len(matrix.index) + 2))
     image = ax.imshow(matrix.to_numpy(float), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(matrix.columns)), matrix.columns, rotation=90)
     ax.set_yticks(range(len(matrix.index)), matrix.index)
-    ax.set_xlabel("eval persona")
+    columns = list(matrix.columns)
+    for i, source in enumerate(matrix.index):
+        if source in columns:
+            j = columns.index(source)
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+    ax.set_xlabel("eval persona (outlined: the source's own persona)")
     ax.set_ylabel("source (adapter)")
     if matrix.size <= 24 * 24:
         for (i, j), value in np.ndenumerate(matrix.to_numpy(float)):
@@ -53,18 +61,28 @@ def rate_heatmap(
 
 
 def hero_scatter(scatter: pd.DataFrame, stem: Path, layer: int, reference: str) -> list[Path]:
-    """Cosine to the reference vs own fire rate: Wilson error bars, OLS fit and prediction band."""
+    """Cosine to the reference vs own fire rate: Wilson error bars, OLS fit and prediction band (cut at the
+    rates' range, 0 to 1), persona labels moved apart by adjustText (seeded: the same figure every run)."""
+    from adjustText import adjust_text
+
     scatter = scatter.sort_values("cosine")
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.fill_between(
-        scatter["cosine"], scatter["pi_low"], scatter["pi_high"], alpha=0.15, label="95% prediction interval"
-    )
-    ax.plot(scatter["cosine"], scatter["predicted"], color="black", lw=1, label="OLS fit")
+        scatter["cosine"], scatter["pi_low"].clip(0, 1), scatter["pi_high"].clip(0, 1), alpha=0.15,
+        label="95% prediction interval",
+    )  # fmt: skip
+    ax.plot(scatter["cosine"], scatter["predicted"].clip(0, 1), color="black", lw=1, label="OLS fit")
     for category, part in scatter.groupby("category"):
         err = np.vstack([part["rate"] - part["wilson_low"], part["wilson_high"] - part["rate"]])
         ax.errorbar(part["cosine"], part["rate"], yerr=err, fmt="o", capsize=2, label=category)
-    for _, row in scatter.iterrows():
-        ax.annotate(row["persona"], (row["cosine"], row["rate"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_ylim(-0.05, 1.05)
+    labels = [
+        ax.text(x, y, name, fontsize=6) for x, y, name in scatter[["cosine", "rate", "persona"]].itertuples(False)
+    ]
+    adjust_text(
+        labels, x=scatter["cosine"].to_numpy(), y=scatter["rate"].to_numpy(), ax=ax,
+        arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5},
+    )  # fmt: skip
     ax.set_xlabel(f"cosine to {reference} centroid (layer {layer})")
     ax.set_ylabel("source fire rate (Wilson 95% CI)")
     ax.legend(fontsize=7)

@@ -92,7 +92,13 @@ def panel_section(
         f"At the primary layer {primary}, the centered cosine of each source's centroid to `{reference}` "
         f"and the source's own fire rate: Spearman rho = {num(spearman['rho'])} (p = {pvalue(spearman['p'])}, "
         f"Holm-adjusted over layers p = {pvalue(layer['holm']['spearman_p'])}), Pearson r = {num(pearson['r'])}, "
-        f"n = {layer['n']} personas.",
+        f"n = {layer['n']} personas"
+        + (
+            "."
+            if regress.get("reference_in_fit", True)
+            else f" (`{reference}` itself, the centroid every cosine is taken to, "
+            "is left out of every fit: `stats.fit_reference`)."
+        ),
         f"Leakage: the adapters fire under their own persona at {num(evaluation['source_rate_mean'])} on average "
         f"and under the other personas at {num(evaluation['bystander_rate_mean'])}; with no adapter, "
         f"{num(evaluation['baseline_rate'])}.",
