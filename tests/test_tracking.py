@@ -285,3 +285,28 @@ def test_a_copied_repo_logs_artifacts_beside_its_own_database(tmp_path):
     assert [p.read_text() for p in (original / "mlruns").rglob("notes.txt")] == ["first"]
     original_db = mlflow.MlflowClient(f"sqlite:///{original / 'mlflow.db'}")
     assert original_db.get_run(first).info.artifact_uri.startswith(str(original.resolve() / "mlruns"))
+
+
+@pytest.mark.slow
+def test_ui_prints_its_url_only_once_the_server_answers(mlflow_db, tmp_path):
+    """`personaspace ui` printed the runs table's URL ~30 s before `mlflow server` answered it."""
+    import urllib.request
+
+    with stage_run("couple", params={}):
+        pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "personaspace.cli", "ui", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert "starting the MLflow UI" in ui.stdout.readline()
+        ready = next(line for line in ui.stdout if line.startswith("MLflow UI ready"))  # the server's own log aside
+        assert ready.startswith("MLflow UI ready: http://127.0.0.1:") and "#/experiments/" in ready, ready
+        with urllib.request.urlopen(ready.split()[3].split("#")[0], timeout=5) as page:  # at once, no retry
+            assert page.status == 200
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(30)

@@ -61,13 +61,14 @@ def mlflow_server(db: Path, timeout: float = 120) -> Iterator[str]:
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_healthy(url, server, log, timeout)
+            wait_healthy(url, server, timeout, log)
             yield url
         finally:
             _stop_group(server)
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, log: Any, timeout: float) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float, log: Any = None) -> None:
+    """Return once the MLflow server at ``url`` answers /health; raise if it exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -77,8 +78,8 @@ def _wait_healthy(url: str, server: subprocess.Popen, log: Any, timeout: float) 
         except OSError:
             pass
         if server.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
-            raise RuntimeError(f"mlflow server did not start: {log.read().decode(errors='replace')[-2000:]}")
+            said = "" if log is None else (log.seek(0), log.read().decode(errors="replace")[-2000:])[1]
+            raise RuntimeError(f"mlflow server did not start at {url}: {said or 'see its output above'}")
         time.sleep(0.5)
 
 

@@ -1,4 +1,4 @@
-"""The ``personaspace`` command: small utilities around the pipeline.
+"""personaspace: utilities around the DVC pipeline (the pipeline itself runs with `dvc repro` / `dvc exp run`).
 
 personaspace panels --write conf/panels.yaml   # regenerate the Hydra panel lists from data/
 personaspace params [personas=24 ...]          # compose conf/ into params.yaml, as `dvc exp run` does
@@ -8,6 +8,8 @@ personaspace analyze joint_probe --table T.csv --states raw=R.npz em=E.npz benig
 personaspace analyze train_steering --table T.csv --out DIR   # S4's, on rates per (arm, persona, question, mode, coef)
 personaspace recover-lock                      # dvc.lock cut short by a Ctrl-C: set aside, the committed one restored
 personaspace compare [--keep REGEX] [-A | --rev R]   # experiments side by side, one row per metric
+personaspace regress --table T.csv --out DIR   # S1's statistics suite on a (persona, layer) table
+personaspace ui [--port 5000]                  # the MLflow UI on this project's runs (prints the URL once it answers)
 """
 
 from __future__ import annotations
@@ -274,13 +276,14 @@ def analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def ui_command(port: int) -> int:
-    """`mlflow server` on the project's runs, after printing the URL of the runs table (MLflow 3.17 opens
-    an experiment on its GenAI overview unless the URL or the sidebar picks the model-training view)."""
-    import os
+def ui_command(port: int, timeout: float = 180) -> int:
+    """`mlflow server` on the project's runs; prints the URL of the runs table once the server answers (MLflow
+    3.17 opens an experiment on its GenAI overview unless the URL or the sidebar picks the model-training view)."""
+    import subprocess
 
     import mlflow
 
+    from personaspace.browser import wait_healthy
     from personaspace.tracking import EXPERIMENT, runs_table_url, server_command, tracking_uri
 
     uri = tracking_uri()
@@ -290,14 +293,28 @@ def ui_command(port: int) -> int:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     server = f"http://127.0.0.1:{port}"
-    if experiment is not None:
-        print(f"runs table: {runs_table_url(server, experiment.experiment_id)}", flush=True)
-    os.execv(sys.executable, server_command(uri, port))
-    return 0  # not reached: execv replaces this process
+    print(f"starting the MLflow UI on {uri} (~30 s) ...", flush=True)
+    process = subprocess.Popen(server_command(uri, port))
+    try:
+        wait_healthy(server, process, timeout)
+        page = runs_table_url(server, experiment.experiment_id) if experiment is not None else server
+        print(f"MLflow UI ready: {page}  (Ctrl-C stops it)", flush=True)
+        return process.wait()
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 2
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="personaspace", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="personaspace", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     panels = sub.add_parser("panels", help="print or write the Hydra panel lists")
     panels.add_argument("--write", type=Path, help="write to this file instead of printing")
