@@ -40,6 +40,22 @@ def test_cells_are_sampled_once_and_growth_samples_only_the_new_ones(tiny, tmp_p
     pd.testing.assert_frame_equal(grown.iloc[:40].reset_index(drop=True), first)
 
 
+def test_eval_says_which_adapter_runs_and_how_many_remain(tiny, tmp_path, capsys):
+    """The generate bars of an eval did not say whose cells they sampled or how many adapters were left."""
+    generator, fingerprint = tiny
+    store = CellStore(tmp_path / "cells")
+    adapters = {"none": (None, fingerprint), "twin": (None, fingerprint + "x")}
+    kwargs = dict(condition="base", samples_per_question=1, sampling=SAMPLING, user_suffix="", study_seed=0,
+                  marker="[ZLT]", store=store)  # fmt: skip
+    evaluate_cells(generator, load_catalog(), ["librarian"], {"none": adapters["none"]}, **kwargs)
+    capsys.readouterr()
+    evaluate_cells(generator, load_catalog(), ["librarian", "villain"], adapters, **kwargs)
+    assert capsys.readouterr().err.splitlines() == [
+        "eval base: adapter 1 of 2, none: 20 cells to sample, 20 from the cell cache",
+        "eval base: adapter 2 of 2, twin: 40 cells to sample, 0 from the cell cache",
+    ]
+
+
 def test_cells_of_another_sampler_are_not_reused(tiny, tmp_path):
     """Switching generation.backend samples anew: the hf backend's cells are not the vllm backend's."""
     generator, fingerprint = tiny

@@ -310,3 +310,32 @@ def test_ui_prints_its_url_only_once_the_server_answers(mlflow_db, tmp_path):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(30)
+
+
+def test_stage_runs_silence_only_the_known_library_warnings(caplog):
+    """The couple stages printed 48 copies of four library messages that nobody can act on."""
+    import logging
+    import warnings
+
+    from personaspace.tracking import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn(
+            "`gradient_checkpointing` is deprecated and will be removed in v6. Use x", FutureWarning, stacklevel=2
+        )
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use x", FutureWarning, stacklevel=2
+        )
+        warnings.warn(
+            "\x1b[33mAdd type hints to the `predict` method to enable data validation", UserWarning, stacklevel=2
+        )
+        warnings.warn("`other` is deprecated and will be removed in v6", FutureWarning, stacklevel=2)
+    assert [str(w.message) for w in caught] == ["`other` is deprecated and will be removed in v6"]
+    with caplog.at_level(logging.WARNING, logger="mlflow.pyfunc"):
+        logging.getLogger("mlflow.pyfunc").warning(
+            "Passing a Python object as `python_model` causes it to be serialized"
+        )
+        logging.getLogger("mlflow.pyfunc").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from personaspace.completions import COMPLETION_COLUMNS, complete_cells, persona_cells, typed_completions
 from personaspace.fingerprints import CacheError
@@ -162,9 +164,9 @@ def evaluate_jobs(
     groups: dict[str, list[EvalJob]] = {}
     for job in jobs:
         groups.setdefault(job.adapter, []).append(job)
-    for name, group in groups.items():
+    for number, (name, group) in enumerate(groups.items(), start=1):
         rows: list[dict[str, Any]] = []
-        requests, new_keys, seen = [], [], set()
+        requests, new_keys, seen, wanted_before = [], [], set(), len(wanted)
         for job in group:
             persona_rows, persona_requests = persona_cells(
                 generator.tokenizer, catalog, job.persona, bank="eval", samples_per_question=samples_per_question,
@@ -180,6 +182,9 @@ def evaluate_jobs(
                     rows.append(row)
                     requests.append(replace(request, adapter=None if job.path is None else str(job.path)))
                     new_keys.append(key)
+        # the generate bar that follows counts completions; this line says whose, and how many adapters are left
+        tqdm.write(f"{stage} {condition}: adapter {number} of {len(groups)}, {name}: {len(rows)} cells to sample, "
+                   f"{len(wanted) - wanted_before - len(rows)} from the cell cache", file=sys.stderr)  # fmt: skip
         if rows:
             new = complete_cells(generator, rows, requests, sampling, marker)
             new["cell_key"] = new_keys
