@@ -44,6 +44,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from personaspace.io import in_repo_root
+
 if TYPE_CHECKING:
     from personaspace.distributed import Ranks
 
@@ -73,14 +75,8 @@ def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else SQLite in the DVC root (or the working directory)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    parts = root.parts
-    for i in range(len(parts) - 2):
-        # a queued experiment runs in <repo>/.dvc/tmp/exps/<tmp>/: log to the repo's database, not the copy's
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            root = Path(*parts[:i])
-            break
-    return f"sqlite:///{root / 'mlflow.db'}"
+    # a queued experiment runs in <repo>/.dvc/tmp/exps/<tmp>/: log to the repo's database, not the copy's
+    return f"sqlite:///{in_repo_root('mlflow.db')}"
 
 
 def _git_commit() -> str | None:
