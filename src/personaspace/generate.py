@@ -219,11 +219,13 @@ class HFGenerator:
     cost follows the tokens actually generated, not batch size x max_new_tokens.
     """
 
-    sampler = "hf"
-
     def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True, ranks: Ranks | None = None):
+        from personaspace.cpu_kernels import in_use
+
         self.model = model
         self.tokenizer = tokenizer
+        # part of an eval cell's key: on the CPU the kernels' instruction set changes the bytes (cpu_kernels)
+        self.sampler = "hf" if model.device.type == "cuda" else f"hf-cpu-{in_use().lower()}"
         self.batch_size = batch_size
         self.progress = progress
         self.ranks = ranks or Ranks()

@@ -1,0 +1,56 @@
+"""The pipeline's processes compute with AVX2 kernels on every x86-64 CPU (personaspace.cpu_kernels)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+PROBE = """
+import hashlib, sys
+import personaspace  # as every stage does, before torch
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+torch.manual_seed(0)
+ids = torch.randint(0, 1000, (4, 64))
+out = model(ids, labels=ids)
+out.loss.backward()
+grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+digest = hashlib.sha256(out.logits.detach().numpy().tobytes() + grads.numpy().tobytes()).hexdigest()
+print(torch.backends.cpu.get_cpu_capability(), digest)
+"""
+BEST = torch.backends.cpu.get_cpu_capability()  # this test process imported torch before personaspace could pin it
+pytestmark = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or BEST not in ("AVX2", "AVX512"), reason="an x86-64 CPU with AVX2"
+)
+
+
+def _probe(model_dir, **env: str) -> tuple[str, str]:
+    clean = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(model_dir)], env=clean | env, capture_output=True, text=True, check=True
+    )
+    capability, digest = done.stdout.split()
+    return capability, digest
+
+
+def test_a_training_step_uses_avx2_kernels_whatever_the_cpu_offers(tiny_model_dir):
+    """One forward and backward of the tiny model: AVX2 kernels unasked, the same bytes as with AVX2 asked for
+    and with MKL and oneDNN held to AVX2 too (what an AVX2-only CPU computes)."""
+    pinned = _probe(tiny_model_dir)
+    assert pinned[0] == "AVX2"
+    assert _probe(tiny_model_dir, ATEN_CPU_CAPABILITY="avx2") == pinned
+    assert _probe(tiny_model_dir, MKL_CBWR="AVX2", ONEDNN_MAX_CPU_ISA="AVX2") == pinned
+
+
+@pytest.mark.skipif(BEST != "AVX512", reason="shows what the pin prevents on a CPU with AVX-512")
+def test_avx512_kernels_write_other_bytes_and_an_explicit_choice_is_kept(tiny_model_dir):
+    pinned = _probe(tiny_model_dir)
+    own = _probe(tiny_model_dir, ATEN_CPU_CAPABILITY="avx512")
+    assert own[0] == "AVX512" and own[1] != pinned[1]
