@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -21,35 +22,19 @@ from personaspace.analyses.em_first import (
 from personaspace.cli import main
 from personaspace.config import StatsParams, StudyParams, TextArtifactRule
 from personaspace.stats import cluster_bootstrap_difference
-from personaspace.study import StudyError, study_roles
+from personaspace.study import StudyError
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "conf/study/em_first.yaml"
 RESAMPLES = 1000  # p can reach 2/1001 < alpha/3, and each analysis takes under a second
-QUESTIONS = [f"q{i:02d}" for i in range(10)]
-K = 10  # completions per (condition, persona, question) cell
-SPREAD = (
-    -2,
-    2,
-    -1,
-    1,
-    0,
-    0,
-    1,
-    -1,
-    2,
-    -2,
-)  # sums to 0: cells vary around the target, so the bootstrap is not degenerate
-H3_SHIFT = (-2, 2, -1, 1, -2, 1, 0, -1, 0, 0)  # sums to -2: em_basedata 0.2 fires per cell (2 pp) below em
-# Bystander fires per cell (out of K) by (question index i, rotated index j): pooled rates base 0.05, em 0.40,
-# em_basedata 0.38, benign 0.10.
-PATTERNS = {
-    "base": lambda i, j: j % 2,
-    "em": lambda i, j: 4 + SPREAD[j],
-    "em_basedata": lambda i, j: 4 + SPREAD[j] + H3_SHIFT[i],
-    "benign": lambda i, j: 2 * (j % 2),
-}
-SOURCE = {"base": 9, "em": 9, "em_basedata": 9, "benign": 9}  # librarian fires 9 of 10 in every cell
+# The hand-made tables are the shipped examples' builders (scripts/example_tables.py, examples/em_first/):
+# bystander rates base 0.05, em 0.40, em_basedata 0.38, benign 0.10; the source fires 9 of 10 everywhere.
+_spec = importlib.util.spec_from_file_location("example_tables", REPO / "scripts" / "example_tables.py")
+example_tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example_tables)
+QUESTIONS, K, SPREAD = example_tables.EM_QUESTIONS, example_tables.EM_K, example_tables.EM_SPREAD
+PATTERNS, SOURCE = example_tables.EM_PATTERNS, example_tables.EM_SOURCE
+make_counts, make_baseline = example_tables.em_first_counts, example_tables.em_first_baseline
 
 
 def raw_preset() -> dict:
@@ -65,37 +50,6 @@ def study() -> StudyParams:
 def stats() -> StatsParams:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())["stats"]
     return StatsParams.model_validate(raw).model_copy(update={"bootstrap_resamples": RESAMPLES})
-
-
-def make_counts(study: StudyParams, patterns=PATTERNS, source=None, tokens: bool = True) -> pd.DataFrame:
-    """Cells of every condition x eval persona x question; negatives and the assistant never fire."""
-    source = SOURCE | (source or {})
-    bystanders = list(study_roles(study).bystanders)
-    rows = []
-    for condition, pattern in patterns.items():
-        for persona in study.eval_personas:
-            for i, question in enumerate(QUESTIONS):
-                if persona in bystanders:
-                    fired = pattern(i, (i + bystanders.index(persona)) % len(QUESTIONS))
-                else:
-                    fired = source[condition] if persona in study.sources else 0
-                row = {"condition": condition, "persona": persona, "question_id": question, "fired": fired, "n": K}
-                if tokens:
-                    row["mean_tokens"] = 40.0 + i + (10.0 if condition == "em" else 0.0)
-                rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def make_baseline(study: StudyParams) -> pd.DataFrame:
-    """Pre-coupling evals: em's base fires once in questions 0 and 5 (em_basedata's eval of it never), benign's too."""
-    fires = {"base": 0, "em": 1, "em_basedata": 0, "benign": 1}
-    rows = [
-        {"condition": c, "persona": p, "question_id": q, "fired": fires[c] if i % 5 == 0 else 0, "n": K}
-        for c in fires
-        for p in study.eval_personas
-        for i, q in enumerate(QUESTIONS)
-    ]
-    return pd.DataFrame(rows)
 
 
 @pytest.fixture(scope="module")
