@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from personaspace.cpu_kernels import PINNED
 
 PROBE = """
 import hashlib, sys
@@ -25,17 +26,30 @@ grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not
 digest = hashlib.sha256(out.logits.detach().numpy().tobytes() + grads.numpy().tobytes()).hexdigest()
 print(torch.backends.cpu.get_cpu_capability(), digest)
 """
-BEST = torch.backends.cpu.get_cpu_capability()  # this test process imported torch before personaspace could pin it
+
+
+def _unpinned_env() -> dict[str, str]:
+    """This environment less the pins (the test process itself imported personaspace, which set them)."""
+    return {k: v for k, v in os.environ.items() if k not in PINNED}
+
+
+BEST = subprocess.run(  # what the CPU offers, asked by a process that does not import personaspace
+    [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+    env=_unpinned_env(),
+    capture_output=True,
+    text=True,
+    check=True,
+).stdout.strip()
 pytestmark = pytest.mark.skipif(
     platform.machine() not in ("x86_64", "AMD64") or BEST not in ("AVX2", "AVX512"), reason="an x86-64 CPU with AVX2"
 )
 
 
 def _probe(model_dir, **env: str) -> tuple[str, str]:
-    clean = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(model_dir)], env=clean | env, capture_output=True, text=True, check=True
-    )
+        [sys.executable, "-c", PROBE, str(model_dir)], env=_unpinned_env() | env, capture_output=True, text=True,
+        check=True,
+    )  # fmt: skip
     capability, digest = done.stdout.split()
     return capability, digest
 

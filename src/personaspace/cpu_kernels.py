@@ -2,26 +2,28 @@
 
 PyTorch picks its vectorised CPU kernels (ATen's "CPU capability") at start-up from the instruction
 sets the CPU has, and AVX-512 kernels round sums differently from AVX2 ones: the same coupling
-training wrote other adapter bytes on an Intel CPU with AVX-512 than on an AMD EPYC without it.
-Pinned to AVX2, the Intel CPU wrote the AMD CPU's bytes exactly (``stages/couple.py`` of aaa68be,
-librarian: adapter folder md5 6b0c8656..., README "Reproducibility"). So the package sets
-``ATEN_CPU_CAPABILITY=avx2`` as it is imported (every stage imports it before torch), unless the
-environment already sets it: ``ATEN_CPU_CAPABILITY=avx512`` lets an AVX-512 CPU use its own (faster,
-other bytes; the eval cells it samples are keyed apart, ``HFGenerator.sampler``). The pin reaches no
-GPU kernel.
+training wrote other adapter bytes on an AMD EPYC with AVX-512 than on an AMD EPYC without it.
+Pinned to AVX2, the AVX-512 machine wrote the other's adapter and centroid bytes exactly
+(``stages/couple.py`` of aaa68be, librarian: adapter folder md5 6b0c8656...; README "Reproducibility").
+So the package sets ``ATEN_CPU_CAPABILITY=avx2`` as it is imported (every stage imports it before
+torch), unless the environment already sets it. ``MKL_CBWR=AVX2`` too: MKL's own switch for the same
+results on every CPU with AVX2; it changed no byte on those AMD CPUs (whose MKL path is AVX2 already),
+and on an Intel CPU with AVX-512 it keeps MKL's matrix products off AVX-512 (not checked: no Intel CPU
+here). ``ATEN_CPU_CAPABILITY=avx512`` lets an AVX-512 CPU use its own kernels (faster, other bytes; the
+eval cells it samples are keyed apart, ``HFGenerator.sampler``). No GPU kernel is affected.
 """
 
 from __future__ import annotations
 
 import os
 
-PINNED = "avx2"  # the widest instruction set every x86-64 CPU of the last decade has
-VARIABLE = "ATEN_CPU_CAPABILITY"
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}  # AVX2: every x86-64 CPU of the last decade has it
 
 
 def pin() -> None:
-    """Set the pin for this process and its children, unless the environment chose already."""
-    os.environ.setdefault(VARIABLE, PINNED)
+    """Set the pins for this process and its children, unless the environment chose already."""
+    for variable, value in PINNED.items():
+        os.environ.setdefault(variable, value)
 
 
 def in_use() -> str:
