@@ -16,16 +16,9 @@ from typing import Any
 
 import pandas as pd
 
+from personaspace.params_guard import flat_keys
+
 PARAMS_SHOWN = ("study.name", "scale", "model", "personas")  # what tells a study's experiments apart
-
-
-def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out |= _leaves(value, f"{prefix}{key}.")
-        return out
-    return {prefix.rstrip("."): data}
 
 
 def _revisions(exp_show: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -56,7 +49,7 @@ def headline_table(exp_show: list[dict[str, Any]], study: str, keep: str | None 
     columns: dict[str, dict[str, str]] = {}
     for label, data in _revisions(exp_show):
         column: dict[str, str] = {}
-        params = _leaves((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
+        params = flat_keys((data.get("params") or {}).get("params.yaml", {}).get("data", {}))
         for name in PARAMS_SHOWN:
             if name in params:
                 column[f"params: {name}"] = _shown(params[name], precision)
@@ -64,7 +57,7 @@ def headline_table(exp_show: list[dict[str, Any]], study: str, keep: str | None 
             if not path.startswith(prefix):
                 continue
             stem = path.removeprefix(prefix).removesuffix(".json")
-            for key, value in _leaves(metrics.get("data", {})).items():
+            for key, value in flat_keys(metrics.get("data", {})).items():
                 if not isinstance(value, list):
                     column[f"{stem}: {key}"] = _shown(value, precision)
         columns[label] = column
