@@ -10,6 +10,8 @@ import json
 import time
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 from personaspace.checks import ModelFacts, check_stage, model_errors
 from personaspace.config import ParamsError, load_params
 from personaspace.io import atomic_path

@@ -20,6 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 from personaspace.checks import check_params
 from personaspace.io import write_json
 

@@ -22,6 +22,8 @@ import json
 import time
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 import pandas as pd
 
 from personaspace.checks import check_stage

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 from personaspace.checks import check_stage
 from personaspace.completions import sample_persona_completions
 from personaspace.config import Params, load_params

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 import pandas as pd
 
 from personaspace import plots

@@ -18,6 +18,8 @@ import os
 import time
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 import pandas as pd
 
 from personaspace.checks import check_stage

@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params
 from personaspace.distributed import finish, launch, output_path

@@ -17,6 +17,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 import pandas as pd
 import yaml
 

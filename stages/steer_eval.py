@@ -20,6 +20,8 @@ import os
 import time
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 from personaspace.analyses.train_steering import counts_from_completions
 from personaspace.checks import check_stage
 from personaspace.config import ParamsError, load_params

@@ -16,6 +16,8 @@ import json
 from functools import partial
 from pathlib import Path
 
+import personaspace.cpu_kernels  # noqa: F401  (pins the CPU kernels before numpy and torch load: cpu_kernels.py)
+
 import pandas as pd
 
 from personaspace import plots

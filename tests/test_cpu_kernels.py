@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+from personaspace.cpu_kernels import PINNED
 
 import pytest
 
-from personaspace.cpu_kernels import PINNED
+REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import hashlib, sys
@@ -68,3 +72,26 @@ def test_avx512_kernels_write_other_bytes_and_an_explicit_choice_is_kept(tiny_mo
     pinned = _probe(tiny_model_dir)
     own = _probe(tiny_model_dir, ATEN_CPU_CAPABILITY="avx512")
     assert own[0] == "AVX512" and own[1] != pinned[1]
+
+
+def test_a_stage_loads_numpy_with_openblas_pinned_to_haswell_kernels():
+    """A stage's first import pins OpenBLAS before numpy loads it (AVX-512 CPUs would load SkylakeX kernels)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import personaspace.cpu_kernels as k, numpy; print(k.blas_in_use())"],
+        env=_unpinned_env(), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    openblas = [lib for lib in ast.literal_eval(done.stdout) if lib.startswith("openblas")]
+    assert openblas == ["openblas Haswell"], done.stdout
+
+
+def test_every_stage_imports_the_pins_before_any_third_party_module():
+    """OpenBLAS reads OPENBLAS_CORETYPE once, as numpy loads: a stage importing pandas first would miss it."""
+    late = []
+    for script in sorted((REPO / "stages").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        imports = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        names = [n.names[0].name if isinstance(n, ast.Import) else n.module or "" for n in imports]
+        outside = [name for name in names if name.split(".")[0] not in sys.stdlib_module_names | {"__future__"}]
+        if not outside or outside[0] != "personaspace.cpu_kernels":
+            late.append(f"{script.name}: first non-stdlib import {outside[:1]}")
+    assert not late, late

@@ -135,10 +135,16 @@ def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("personaspace"):
-            found.add(node.module)
+            found.add(node.module)  # and the submodules it names: `from personaspace import plots`
+            found.update(f"{node.module}.{a.name}" for a in node.names if _is_module(f"{node.module}.{a.name}"))
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("personaspace"))
     return found
+
+
+def _is_module(module: str) -> bool:
+    base = REPO / "src" / Path(*module.split("."))
+    return base.is_dir() or base.with_suffix(".py").is_file()
 
 
 def _module_path(module: str) -> Path:
@@ -150,7 +156,7 @@ def _module_path(module: str) -> Path:
 # (config, checks and the hand-edit guard can stop a stage; every value they read is in params.yaml).
 NOT_OUTPUTS = {
     "personaspace.tracking", "personaspace.io", "personaspace.config", "personaspace.checks",
-    "personaspace.params_guard", "personaspace",  # the package's __init__: a docstring
+    "personaspace.params_guard",
 }  # fmt: skip
 
 

@@ -11,13 +11,20 @@ results on every CPU with AVX2; it changed no byte on those AMD CPUs (whose MKL 
 and on an Intel CPU with AVX-512 it keeps MKL's matrix products off AVX-512 (not checked: no Intel CPU
 here). ``ATEN_CPU_CAPABILITY=avx512`` lets an AVX-512 CPU use its own kernels (faster, other bytes; the
 eval cells it samples are keyed apart, ``HFGenerator.sampler``). No GPU kernel is affected.
+
+numpy's OpenBLAS picks its kernels the same way (SkylakeX on AVX-512, Haswell on AVX2), and the regress
+stage's plot tables differed between those two machines in the last bit (2e-16) until
+``OPENBLAS_CORETYPE=Haswell`` made them equal. OpenBLAS reads it once, as numpy loads: so every stage
+imports this module before numpy, pandas and torch (``import personaspace.cpu_kernels``, its own
+import section in pyproject's ruff settings), and ``blas_in_use`` says what was loaded.
 """
 
 from __future__ import annotations
 
 import os
 
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}  # AVX2: every x86-64 CPU of the last decade has it
+# AVX2 (Haswell's instruction set): every x86-64 CPU of the last decade has it
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
 
 
 def pin() -> None:
@@ -31,3 +38,10 @@ def in_use() -> str:
     import torch
 
     return torch.backends.cpu.get_cpu_capability()
+
+
+def blas_in_use() -> list[str]:
+    """The BLAS libraries loaded in this process and their kernels (e.g. ``openblas Haswell``)."""
+    import threadpoolctl
+
+    return [f"{lib['internal_api']} {lib.get('architecture') or ''}".strip() for lib in threadpoolctl.threadpool_info()]
