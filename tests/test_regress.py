@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import yaml
 
 from personaspace.io import json_text
 from personaspace.regress import RegressSettings, TableError, regress_table, validate_table
+from personaspace.report.studies import num, panel_section
 from personaspace.stats.gates import (
     GateThresholds,
     drift_sign_test,
@@ -104,6 +106,22 @@ def test_no_source_firing_at_all_gives_json_ready_metrics():
     metrics, _ = regress_table(table, _settings())
     json_text(metrics)  # raises on NaN or inf
     assert metrics["layers"]["10"]["spearman"]["rho"] is None
+    assert metrics["layers"]["10"]["cooks_distance_reason"] == "rate is constant"
+
+
+def test_a_report_renders_a_study_where_nothing_fired():
+    """Found on the H200 (issue 27): a random-init 7B never writes the marker, and the report stage
+    failed on the undefined length-partial correlation (KeyError 'test')."""
+    table = pd.read_csv(TABLE)
+    table["fired"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no 0/0 left in the analysis
+        metrics, _ = regress_table(table, _settings())
+    metrics["off_diagonal"] = {"all": {"n_cells": 132, "rho": None, "p": None}}
+    evaluation = {"source_rate_mean": 0.0, "bystander_rate_mean": 0.0, "baseline_rate": 0.0}
+    section = panel_section("base", "panel", metrics, evaluation, level=0.95)
+    lines = [h for h in section.headline if h.quantity == "Length-partial Spearman rho"]
+    assert lines and lines[0].value == num(None) and "pingouin" in lines[0].test
 
 
 @pytest.mark.parametrize(

@@ -273,12 +273,16 @@ def _layer_metrics(layer: pd.DataFrame, settings: RegressSettings, reference_pro
         reason = "cosine is constant in this layer"
         out.update(influential=[], **undefined(["cooks_distance", "influence_threshold"], reason))
         return out
-    cooks = cooks_distance(x, y)
-    threshold = settings.influence_numerator / n
-    influential = [p for p, d in zip(layer["persona"], cooks, strict=True) if d > threshold]
-    out["cooks_distance"] = {p: float(d) for p, d in zip(layer["persona"], cooks, strict=True)}
-    out["influence_threshold"] = threshold
-    out["influential"] = influential
+    if np.ptp(y) == 0:  # e.g. no source fired: every residual is 0, and so is the scale Cook's distance divides by
+        influential: list[str] = []
+        out.update(influential=influential, **undefined(["cooks_distance", "influence_threshold"], "rate is constant"))
+    else:
+        cooks = cooks_distance(x, y)
+        threshold = settings.influence_numerator / n
+        influential = [p for p, d in zip(layer["persona"], cooks, strict=True) if d > threshold]
+        out["cooks_distance"] = {p: float(d) for p, d in zip(layer["persona"], cooks, strict=True)}
+        out["influence_threshold"] = threshold
+        out["influential"] = influential
     kept = layer[~layer["persona"].isin(influential)]
     out["without_influential"] = {"dropped": influential, "n": len(kept), **_correlations(kept["cosine"], kept["rate"])}
     inside = loo_pi_coverage(x, y, settings.level)

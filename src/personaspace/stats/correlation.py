@@ -45,10 +45,15 @@ def partial_spearman(table: pd.DataFrame, x: str, y: str, covariates: Sequence[s
     import pingouin
 
     n = len(table)
+    test = f"Spearman partial correlation given {', '.join(covariates)} (pingouin)"
     if n < len(covariates) + 3:
-        return {"n": n, **undefined(["rho", "p"], f"needs at least {len(covariates) + 3} points, has {n}")}
+        return {
+            "n": n,
+            "test": test,
+            **undefined(["rho", "p"], f"needs at least {len(covariates) + 3} points, has {n}"),
+        }
     if any(_constant(table[c].to_numpy()) for c in [x, y, *covariates]):
-        return {"n": n, **undefined(["rho", "p"], "a variable or covariate is constant")}
+        return {"n": n, "test": test, **undefined(["rho", "p"], "a variable or covariate is constant")}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pingouin.partial_corr(data=table, x=x, y=y, covar=list(covariates), method="spearman")
@@ -57,7 +62,7 @@ def partial_spearman(table: pd.DataFrame, x: str, y: str, covariates: Sequence[s
     notes = sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
     if notes:
         out["warnings"] = notes  # e.g. pingouin's rank-deficient covariates note
-    out["test"] = f"Spearman partial correlation given {', '.join(covariates)} (pingouin)"
+    out["test"] = test
     return out
 
 

@@ -69,8 +69,11 @@ def three_gate(
     sign = thresholds.expected_sign
     out["A"] = _significant(hold_corr, sign, thresholds.alpha)
     out["C"] = _significant(occ_corr, sign, thresholds.alpha)
-    if len(cal) >= 3 and len(hold) >= 3 and cal["cosine"].nunique() > 1 and hold["cosine"].nunique() > 1:
+    lines = len(cal) >= 3 and len(hold) >= 3 and cal["cosine"].nunique() > 1 and hold["cosine"].nunique() > 1
+    if lines:
         cal_line, hold_line = ols_line(cal["cosine"], cal["rate"]), ols_line(hold["cosine"], hold["rate"])
+        lines = bool(np.hypot(hold_line["slope_se"], cal_line["slope_se"]) > 0)
+    if lines:
         z = (hold_line["slope"] - cal_line["slope"]) / np.hypot(hold_line["slope_se"], cal_line["slope_se"])
         ratio = hold_line["slope"] / cal_line["slope"] if cal_line["slope"] != 0 else float("inf")
         out.update(
@@ -80,7 +83,10 @@ def three_gate(
         out["B"] = bool(abs(z) < thresholds.z_crit and abs(ratio - 1) <= thresholds.slope_tolerance)
     else:
         out["B"] = False
-        out["B_reason"] = "needs >= 3 calibration and holdout personas with varying cosine"
+        out["B_reason"] = (
+            "needs >= 3 calibration and holdout personas with varying cosine, and rates off an exact line "
+            "(e.g. not every rate 0: the slopes would have no standard error)"
+        )
     return out
 
 
