@@ -5,8 +5,10 @@
 Every stage execution is one MLflow run nested under its invocation's parent run; this groups the
 newest invocation's runs by stage (datagen@*, couple@*, ...) and reports count, total and mean
 seconds, plus the eval stage's generation throughput from its logged metrics. A run starts after
-the stage's imports (~5-10 s of interpreter start per stage are not in the per-stage numbers);
-`seconds_first_to_last_stage` spans the invocation(s), pauses between them included.
+the stage's imports, so what a stage costs beyond its run is `mean_gap_before_s`: the time from the
+previous stage's end (same invocation) to this one's start, i.e. DVC saving the previous outputs,
+the interpreter's start and the imports (a killed run's successor is left out: only finished runs
+count). `seconds_first_to_last_stage` spans the invocation(s), pauses between them included.
 """
 
 from __future__ import annotations
@@ -35,8 +37,14 @@ def main() -> None:
     # only finished runs: a killed stage's run is ended (KILLED) at the next start, so its span is not its work
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids and r.info.status == "FINISHED"]
     by_stage: dict[str, list[float]] = defaultdict(list)
-    for run in children:
+    gaps: dict[str, list[float]] = defaultdict(list)
+    previous: dict[str, int] = {}  # per invocation: when its last finished stage ended
+    for run in sorted(children, key=lambda r: r.info.start_time):
         by_stage[run.data.tags["stage"]].append((run.info.end_time - run.info.start_time) / 1000)
+        parent = run.data.tags["mlflow.parentRunId"]
+        if parent in previous:  # not the invocation's first stage, whose gap holds DVC's own start
+            gaps[run.data.tags["stage"]].append((run.info.start_time - previous[parent]) / 1000)
+        previous[parent] = run.info.end_time
     first = min(r.info.start_time for r in children)
     last = max(r.info.end_time for r in children)
     result = {
@@ -45,6 +53,7 @@ def main() -> None:
         "seconds_first_to_last_stage": round((last - first) / 1000, 1),
         "stages": {
             stage: {"runs": len(times), "total_s": round(sum(times), 1), "mean_s": round(sum(times) / len(times), 1)}
+            | ({"mean_gap_before_s": round(sum(gaps[stage]) / len(gaps[stage]), 1)} if gaps[stage] else {})
             for stage, times in sorted(by_stage.items())
         },
         "eval": {
