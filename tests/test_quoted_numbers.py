@@ -52,9 +52,11 @@ def test_refresh_rewrites_each_quote_from_its_file(tmp_path):
         ("<!--= gone.json a -->1<!--/-->", "gone.json does not exist"),
         ("<!--= m.json a.c -->1<!--/-->", "no key 'a.c' (missing at 'c')"),
         ("<!--= m.json a|mean -->1<!--/-->", "unknown reducer 'mean'"),
+        ("<!--= m.json rows.1.x -->1<!--/-->", "no key 'rows.1.x' (missing at '1')"),
     ],
 )
 def test_a_quote_of_a_missing_file_or_key_names_it(tmp_path, quote, message):
-    (tmp_path / "m.json").write_text(json.dumps({"a": {"b": 1}}))
+    (tmp_path / "m.json").write_text(json.dumps({"a": {"b": 1}, "rows": [{"x": 2}]}))
+    assert refresh("<!--= m.json rows.0.x -->1<!--/-->", tmp_path) == "<!--= m.json rows.0.x -->2<!--/-->"
     with pytest.raises(QuoteError, match=message.replace("(", r"\(").replace(")", r"\)")):
         refresh(quote, tmp_path)

@@ -4,7 +4,8 @@ A quoted number is written in Markdown as an invisible comment naming its source
 
     mean source rate <!--= metrics/panel/eval_base.json source_rate_mean .2f -->0.79<!--/-->
 
-``<file> <key> [<format>]``: a JSON file relative to the repo root, a dotted key into it (``|min``,
+``<file> <key> [<format>]``: a JSON file relative to the repo root, a dotted key into it (a number
+picks a list's item: ``rows.0.hours``; ``|min``,
 ``|max`` or ``|len`` after the key reduce a mapping's values or a list), and a Python format spec
 (default ``g``). ``refresh`` rewrites every quoted number from its file; ``python -m
 personaspace.quoted_numbers --write README.md`` does it in place, and the test of the docs fails
@@ -35,6 +36,9 @@ def value_of(data: Any, key: str) -> Any:
     path, _, reducer = key.partition("|")
     value = data
     for part in path.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]  # a list's item by position: rows.0.hours
+            continue
         if not isinstance(value, dict) or part not in value:
             raise QuoteError(f"no key {path!r} (missing at {part!r})")
         value = value[part]
